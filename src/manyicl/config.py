@@ -1,0 +1,209 @@
+"""Experiment configs: plain YAML mapped onto typed pydantic objects; unknown keys are errors.
+
+One file describes a whole experiment (model, tasks, meta-train / held-out split, objective, training,
+evaluation, output directory). Any key can be overridden from the command line: ``--set training.max_tokens=2048``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+
+from manyicl.errors import ManyICLError
+from manyicl.sequences import OBJECTIVES
+from manyicl.tasks import FAMILIES, METRICS
+
+Objective = Literal["zero_shot", "few_shot", "many_shot_last", "many_shot_all"]
+assert set(Objective.__args__) == set(OBJECTIVES)  # type: ignore[attr-defined]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2-135m"  # the embedded default, a hub id, or a local directory
+    trust_remote_code: bool = False
+    adapter: str | None = None  # a PEFT adapter to evaluate on top of the model
+
+
+class TaskSpec(Strict):
+    """A task: by name under ``tasks.data_dir``, or from a directory, a file, or Hugging Face ``datasets``."""
+
+    name: str
+    path: str | None = None  # task directory, or a JSONL/CSV/TSV file of training examples
+    test_path: str | None = None  # with a file ``path``: the test examples
+    dataset: str | None = None  # Hugging Face datasets id or builder ("json", "csv" with data_files)
+    dataset_config: str | None = None
+    data_files: dict[str, str] | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
+    synthetic: bool = False  # one of the generated tasks in manyicl.synthetic
+    family: str | None = None
+    metric: str | None = None
+    labels: list[str] | None = None
+    template: dict[str, Any] = Field(default_factory=dict)
+    input_field: str = "input"
+    output_field: str = "output"
+    answers_field: str = "answers"
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str | None) -> str | None:
+        if v is not None and v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}; use one of {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        if v is not None and v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; use one of {', '.join(METRICS)}")
+        return v
+
+
+# A bare name (a directory under tasks.data_dir) or a full spec; the discriminator keeps errors specific.
+TaskRef = Annotated[
+    Union[Annotated[str, Tag("name")], Annotated[TaskSpec, Tag("spec")]],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "spec"),
+]
+
+
+class TasksConfig(Strict):
+    data_dir: str | None = None  # a folder of task directories (the layout of shared/data)
+    meta_train: list[TaskRef] = Field(default_factory=list)
+    held_out: list[TaskRef] = Field(default_factory=list)
+    forgetting: list[TaskRef] = Field(default_factory=list)  # benchmarks outside the mixture, for forgetting
+    allow_overlap: bool = False  # allow a task in both meta_train and held_out (normally an error)
+    max_train_examples: int | None = None  # cap per task, for quick runs
+    synthetic_seed: int = 0
+
+
+class FormatConfig(Strict):
+    chat: bool = False  # render examples with the tokenizer's chat template
+    template: dict[str, Any] = Field(default_factory=dict)  # overrides for every task (see formatter.Template)
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class TrainingConfig(Strict):
+    objective: Objective = "many_shot_all"
+    max_tokens: int = Field(1024, gt=0)  # token budget per sequence
+    n_shots: int = Field(5, ge=0)  # few_shot demonstrations
+    balance_labels: bool = False
+    pack: bool = False  # zero_shot: pack isolated examples up to max_tokens
+    loss_normalization: Literal["token", "target"] = "token"
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    max_steps: int | None = Field(100, gt=0)
+    epochs: float | None = Field(None, gt=0)  # instead of max_steps: passes over the mixture's examples
+    batch_size: int = Field(1, gt=0)  # per device
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixture_temperature: float = Field(1.0, gt=0)  # P(task) ∝ min(size, cap) ** (1 / T)
+    mixture_cap: int | None = Field(None, gt=0)
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class EvaluationConfig(Strict):
+    shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0, 4, 16, "max"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    max_queries: int | None = Field(100, gt=0)  # test queries per cell (None: all)
+    max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
+    balance_labels: bool = False
+    length_normalize: bool = False  # rank label candidates by mean instead of summed log-prob
+    prefix_cache: bool = True
+    batch_size: int = Field(8, gt=0)  # candidates / queries per forward pass on top of the cached prefix
+    max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in evaluate.py
+
+
+class CompareConfig(Strict):
+    methods: list[str] = Field(
+        default_factory=lambda: ["base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl", "task_level"]
+    )
+    task_level_steps: int | None = None  # default: training.max_steps
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    output_dir: str = "runs/experiment"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` pairs; values are parsed as YAML (``3``, ``true``, ``[a, b]``, ``null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ManyICLError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ManyICLError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p not in ("name", "spec") or p == first["loc"][-1])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key; check the spelling (see configs/ for every key)"
+    return f"{source}: {where}: {message}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ManyICLError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ManyICLError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ManyICLError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ManyICLError(_describe(e, source)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

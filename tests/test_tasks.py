@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from conftest import write_task
+from manyicl.errors import ManyICLError
+from manyicl.tasks import list_task_dirs, load_hf_task, load_task_dir, load_task_file, resolve_task
+
+GOOD = [{"input": "good film", "output": "positive"}, {"input": "bad film", "output": "negative"}]
+
+
+def test_task_dir_with_yaml(tmp_path):
+    d = write_task(tmp_path / "t", GOOD, GOOD[:1], "family: classification\nmetric: macro_f1\n")
+    task = load_task_dir(d)
+    assert (task.name, task.family, task.metric) == ("t", "classification", "macro_f1")
+    assert task.labels == ("negative", "positive") and len(task.train) == 2 and len(task.test) == 1
+
+
+def test_shared_data_layout(data_dir):
+    names = list_task_dirs(data_dir)
+    assert {"sst2", "rte", "xsum", "gsm8k"} <= set(names)
+    task = load_task_dir(data_dir / "goemotions")
+    assert task.family == "multilabel" and task.metric == "multilabel_f1" and "joy" in task.labels
+    mr = load_task_dir(data_dir / "mr")  # has U+0085 inside records: must not be split there
+    assert len(mr.train) == 5000
+
+
+def test_jsonl_csv_tsv_files(tmp_path):
+    (tmp_path / "a.csv").write_text("text,label\n\"hi, there\",yes\nbye,no\n")
+    (tmp_path / "a.tsv").write_text("text\tlabel\nhi\tyes\n")
+    t = load_task_file(tmp_path / "a.csv", "a", "classification", tmp_path / "a.tsv", input_field="text", output_field="label")
+    assert t.train[0].input == "hi, there" and t.test[0].output == "yes" and t.labels == ("no", "yes")
+
+
+def test_hf_datasets_offline(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"q": f"x{i}", "a": "y"}) + "\n" for i in range(3)))
+    task = load_hf_task("json", "hf", "qa", data_files={"train": str(tmp_path / "train.jsonl")}, test_split=None,
+                        input_field="q", output_field="a")
+    assert len(task.train) == 3 and task.train[0].input == "x0"
+
+
+def test_resolve_by_name_and_cap(data_dir):
+    task = resolve_task("sst2", str(data_dir), max_train=10)
+    assert len(task.train) == 10
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"input": "a", "output": "b"}\nnot json\n', "train.jsonl:2: not valid JSON"),
+        ('{"input": "a"}\n', "train.jsonl:1: missing field 'output'"),
+        ('{"input": 3, "output": "b"}\n', "train.jsonl:1: field 'input' must be a string"),
+        ("\n\n", "no training examples"),
+    ],
+)
+def test_bad_jsonl(tmp_path, content, message):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.jsonl").write_text(content)
+    with pytest.raises(ManyICLError, match=message.replace("(", r"\(")):
+        load_task_dir(tmp_path / "t")
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.jsonl").write_bytes(b'{"input": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(ManyICLError, match="not UTF-8"):
+        load_task_dir(tmp_path / "t")
+
+
+def test_missing_train_and_unknown_family(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManyICLError, match="no train.jsonl"):
+        load_task_dir(tmp_path / "empty")
+    d = write_task(tmp_path / "t", GOOD, meta="family: poetry\n")
+    with pytest.raises(ManyICLError, match="unknown family 'poetry'"):
+        load_task_dir(d)
