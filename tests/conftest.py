@@ -94,3 +94,23 @@ def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int 
     config = AutoConfig.for_model(arch, **kwargs)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, llama_tokenizer):
+    """A saved random-init Llama with the Llama-style tokenizer: a local model path like any user's."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(len(llama_tokenizer)).save_pretrained(path)
+    llama_tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir, data_dir, out, **training):
+    """A config dict for a few fast steps over three real tasks."""
+    return {
+        "model": {"name": str(model_dir)},
+        "tasks": {"data_dir": str(data_dir), "meta_train": ["sst2", "rte", "gsm8k"], "held_out": ["agnews"],
+                  "max_train_examples": 200},
+        "training": {"max_tokens": 256, "max_steps": 8, "save_steps": 2, "lora": {"r": 4, "alpha": 8}, **training},
+        "output_dir": str(out),
+    }

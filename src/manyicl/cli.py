@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -73,6 +74,27 @@ def show_sequence(data, objective, max_tokens, seed, model, n_shots, balance_lab
         f"{seq.n_targets} supervised answers{'' if color else ' (marked ⟦ ⟧)'}, {seq.n_truncated} inputs cut",
         err=True,
     )
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. training.max_tokens=2048."
+)
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in output_dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in output_dir.")
+@_friendly
+def train(config, overrides, resume, overwrite) -> None:
+    """Fine-tune once over the meta-train mixture (ManyICL by default; any objective for the baselines)."""
+    from manyicl.config import load_config
+    from manyicl.train import train as run_training
+
+    result = run_training(load_config(config, list(overrides)), resume=resume, overwrite=overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; weights in {result.weights_dir}")
 
 
 if __name__ == "__main__":

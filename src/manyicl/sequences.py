@@ -141,6 +141,13 @@ class SequenceBuilder:
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def check_budget(self) -> None:
+        """Fail before any training if some answer cannot fit the budget even with an empty input."""
+        answers = [self.formatter.answer(ex.output) for ex in self.task.train]
+        lengths = [len(ids) for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+        worst = max(range(len(lengths)), key=lengths.__getitem__)
+        self.shorten(self.task.train[worst])  # raises with the example's file:line if it cannot fit
+
     def example_tokens(self, index: int) -> int:
         """Token count of one example (prompt + answer) on its own; a close estimate of its cost in context."""
         if index not in self._lengths:

@@ -1,0 +1,68 @@
+"""Target-only loss: project to the vocabulary only where an answer token is predicted.
+
+A many-shot sequence of 4096 tokens may hold only a few hundred answer tokens. transformers' plain path
+computes logits for every position (sequence x vocabulary, 49K wide for SmolLM2) and then ignores most of
+them. Here the model gets a boolean ``logits_to_keep`` mask (a transformers API), so hidden states are
+gathered first and the LM head runs only on supervised positions: logits memory scales with target tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from manyicl.sequences import IGNORE_INDEX
+
+
+@dataclass
+class LossStats:
+    tokens: int
+    target_tokens: int
+    answers: int
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    inner = getattr(model, "module", model)  # DDP wrapper
+    inner = getattr(inner, "get_base_model", lambda: inner)()  # PEFT wrapper
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: str = "token") -> tuple[torch.Tensor, LossStats]:
+    """Mean cross-entropy over answer tokens; ``normalization="target"`` weighs every answer equally.
+
+    ``batch`` holds ``input_ids``, ``labels`` (aligned with inputs, -100 = unsupervised), ``target_index``
+    (which answer each token belongs to, -1 = none) and optionally ``attention_mask`` / ``position_ids``.
+    """
+    labels = batch["labels"]
+    # Logits at position p predict token p+1: keep p where labels[p+1] is supervised.
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][keep[:, :-1]]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
+    else:  # a custom model without the API: same loss, full logits
+        logits = model(**inputs, use_cache=False).logits[keep]
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    # (row, answer) pairs identify answers across the batch
+    answer_ids = batch["target_index"][:, 1:][keep[:, :-1]]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[:, 1:][keep[:, :-1]]
+    answer_keys = rows * (int(batch["target_index"].max()) + 2) + answer_ids
+    _, inverse, counts = torch.unique(answer_keys, return_inverse=True, return_counts=True)
+    if normalization == "target":
+        weights = 1.0 / counts[inverse].float() / counts.numel()
+        loss = (losses * weights).sum()
+    else:
+        loss = losses.mean()
+    tokens = int(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None else labels.numel()
+    return loss, LossStats(tokens, int(targets.numel()), int(counts.numel()))
+
+
+def full_logits_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' plain causal-LM loss (logits at every position); the reference for tests and benchmarks."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    return model(**inputs, labels=batch["labels"], use_cache=False).loss
