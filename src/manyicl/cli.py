@@ -97,5 +97,76 @@ def train(config, overrides, resume, overwrite) -> None:
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; weights in {result.weights_dir}")
 
 
+@main.command("eval")
+@click.argument("config", type=click.Path())
+@_set_option
+@click.option("--adapter", default=None, help="PEFT adapter to evaluate (default: model.adapter of the config).")
+@click.option("--method", default=None, help="Name of this model in results.json (default: base, or finetuned with an adapter).")
+@_friendly
+def evaluate_command(config, overrides, adapter, method) -> None:
+    """Evaluate held-out (and forgetting) tasks over the shot sweep, with the shared-prefix cache."""
+    from manyicl.config import load_config
+    from manyicl.evaluate import run_evaluation, summary_table
+    from manyicl.train import load_tasks
+
+    cfg = load_config(config, list(overrides))
+    adapter = adapter or cfg.model.adapter
+    if not cfg.tasks.held_out and not cfg.tasks.forgetting:
+        raise ManyICLError("tasks.held_out: nothing to evaluate; list held-out (or forgetting) tasks")
+    tasks = [(t, "held_out") for t in load_tasks(cfg, cfg.tasks.held_out)]
+    tasks += [(t, "forgetting") for t in load_tasks(cfg, cfg.tasks.forgetting)]
+    results = run_evaluation(cfg, tasks, method or ("finetuned" if adapter else "base"), adapter)
+    click.echo(summary_table(results))
+    click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="Embedded default, hub id or local directory.")
+@click.option("--adapter", default=None, help="PEFT adapter on top of the model.")
+@click.option("--demos", required=True, type=click.Path(), help="Demonstrations: JSONL/CSV/TSV with input and output.")
+@click.option("--inputs", required=True, type=click.Path(), help="Queries: JSONL/CSV/TSV with input (output optional).")
+@click.option("--shots", default="max", show_default=True, help="Number of demonstrations, or max (as many as fit).")
+@click.option("--output", required=True, type=click.Path(), help="JSONL: one line per input, in input order.")
+@click.option("--family", default="classification", show_default=True, help="Scoring: label families rank labels, others generate.")
+@click.option("--labels", default=None, help="Comma-separated label set (default: the demonstrations' outputs).")
+@click.option("--max-tokens", default=2048, show_default=True, type=int, help="Context budget.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_friendly
+def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed) -> None:
+    """Solve a new task by many-shot prompting: demonstrations from one file, answers for another."""
+    from manyicl.predict import predict_file
+
+    n = predict_file(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed)
+    click.echo(f"wrote {n} predictions to {output}")
+
+
+@main.command("compare")
+@click.argument("config", type=click.Path())
+@_set_option
+@click.option("--only", multiple=True, help="Run only these methods (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace a run made with a different config.")
+@_friendly
+def compare_command(config, overrides, only, overwrite) -> None:
+    """The paper's comparison: base, zero/few/many-shot fine-tunes, ManyICL and task-level LoRA; then the report."""
+    import time
+
+    from manyicl.compare import compare
+    from manyicl.config import load_config
+
+    started = time.perf_counter()
+    report = compare(load_config(config, list(overrides)), list(only) or None, overwrite)
+    click.echo(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path())
+@_friendly
+def report_command(run_dir) -> None:
+    """Regenerate report.md and the plots of a run from its results.json."""
+    from manyicl.report import write_report
+
+    click.echo(f"report: {write_report(run_dir)}")
+
+
 if __name__ == "__main__":
     main()

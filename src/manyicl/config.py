@@ -99,7 +99,7 @@ class TrainingConfig(Strict):
     max_tokens: int = Field(1024, gt=0)  # token budget per sequence
     n_shots: int = Field(5, ge=0)  # few_shot demonstrations
     balance_labels: bool = False
-    pack: bool = False  # zero_shot: pack isolated examples up to max_tokens
+    pack: bool = False  # zero_shot / few_shot: pack isolated units up to max_tokens (same tokens per step as many-shot)
     loss_normalization: Literal["token", "target"] = "token"
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -123,6 +123,7 @@ class TrainingConfig(Strict):
 
 class EvaluationConfig(Strict):
     shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0, 4, 16, "max"])
+    forgetting_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [5])  # for tasks.forgetting
     seeds: list[int] = Field(default_factory=lambda: [0])
     max_queries: int | None = Field(100, gt=0)  # test queries per cell (None: all)
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens

@@ -230,26 +230,24 @@ class SequenceBuilder:
         return Sequence(ids, _labels_for(ids, spans), spans, len(examples), n_demos, n_truncated, None, self.task.name, rendered.text)
 
     def build_packed(self, seed: int) -> Sequence:
-        """zero_shot examples packed up to the budget, each isolated: positions restart at every example.
+        """Isolated units (one example for zero_shot, demonstrations + query for few_shot) packed up to the budget.
 
-        transformers turns restarting ``position_ids`` (with no attention mask) into a block-diagonal mask,
-        so no example attends to another; without that they would silently become an ICL sequence.
+        Positions restart at every unit; transformers turns restarting ``position_ids`` (with no attention mask
+        and no cache) into a block-diagonal mask, so no unit attends to another — otherwise packed zero-shot
+        examples would silently become an ICL sequence. Lets every objective train on the same tokens per step.
         """
-        rng = random.Random(f"{self.task.name}:{seed}")
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
         spans: list[tuple[int, int]] = []
-        n = n_trunc = 0
-        for i in self.order(rng):
-            one = self.fit([self.task.train[i]], [i])
-            if ids and len(ids) + one.n_tokens > self.max_tokens:
+        n = n_demos = n_trunc = 0
+        for k in range(self.max_tokens):  # every unit holds at least one token: the loop always ends
+            unit = self.build(seed * 7919 + k)
+            if ids and len(ids) + unit.n_tokens > self.max_tokens:
                 break
-            spans += [(s + len(ids), e + len(ids)) for s, e in one.target_spans]
-            ids += one.input_ids
-            labels += one.labels
-            positions += list(range(one.n_tokens))
-            n += 1
-            n_trunc += one.n_truncated
-        return Sequence(ids, labels, spans, n, 0, n_trunc, positions, self.task.name)
-
+            spans += [(s + len(ids), e + len(ids)) for s, e in unit.target_spans]
+            ids += unit.input_ids
+            labels += unit.labels
+            positions += list(range(unit.n_tokens))
+            n, n_demos, n_trunc = n + unit.n_examples, n_demos + unit.n_demonstrations, n_trunc + unit.n_truncated
+        return Sequence(ids, labels, spans, n, n_demos, n_trunc, positions, self.task.name)

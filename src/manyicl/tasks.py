@@ -100,19 +100,22 @@ def _read_text(path: Path) -> str:
 
 
 def _record_to_example(
-    record: Any, where: str, input_field: str = "input", output_field: str = "output", answers_field: str = "answers"
+    record: Any, where: str, input_field: str = "input", output_field: str = "output", answers_field: str = "answers",
+    require_output: bool = True,
 ) -> Example:
     if not isinstance(record, dict):
         raise ManyICLError(f"{where}: expected a JSON object with {input_field!r} and {output_field!r}")
-    values = {}
-    for name in (input_field, output_field):
+    values = {output_field: ""}
+    for name in (input_field, output_field) if require_output else (input_field,):
         if name not in record:
             raise ManyICLError(f"{where}: missing field {name!r}; every record needs {input_field!r} and {output_field!r}")
         value = record[name]
         if not isinstance(value, str):
             raise ManyICLError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
         values[name] = value.strip()
-    if not values[output_field]:
+    if not require_output and isinstance(record.get(output_field), str):
+        values[output_field] = record[output_field].strip()
+    if require_output and not values[output_field]:
         raise ManyICLError(f"{where}: field {output_field!r} is empty; every example needs an answer")
     answers = record.get(answers_field) or ()
     if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
@@ -120,7 +123,7 @@ def _record_to_example(
     return Example(values[input_field], values[output_field], tuple(a.strip() for a in answers), where)
 
 
-def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers") -> list[Example]:
+def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers", require_output=True) -> list[Example]:
     text = _read_text(path)
     examples = []
     # Split on "\n" only: str.splitlines() would also split inside records at U+0085 (see shared/data/MANIFEST.md).
@@ -131,31 +134,34 @@ def read_jsonl(path: Path, input_field="input", output_field="output", answers_f
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ManyICLError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field))
+        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field, require_output))
     return examples
 
 
-def read_delimited(path: Path, delimiter: str, input_field="input", output_field="output") -> list[Example]:
+def read_delimited(path: Path, delimiter: str, input_field="input", output_field="output", require_output=True) -> list[Example]:
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    missing = [f for f in (input_field, output_field) if f not in (reader.fieldnames or [])]
+    required = (input_field, output_field) if require_output else (input_field,)
+    missing = [f for f in required if f not in (reader.fieldnames or [])]
     if missing:
         raise ManyICLError(f"{path}:1: header has no column {missing[0]!r}; set input_field/output_field to one of {reader.fieldnames}")
     examples = []
     for row in reader:
         where = f"{path}:{reader.line_num}"
-        if row.get(input_field) is None or row.get(output_field) is None:
+        if any(row.get(f) is None for f in required):
             raise ManyICLError(f"{where}: row has fewer columns than the header")
-        examples.append(_record_to_example(row, where, input_field, output_field))
+        examples.append(_record_to_example(row, where, input_field, output_field, require_output=require_output))
     return examples
 
 
-def read_examples(path: Path, input_field="input", output_field="output", answers_field="answers") -> list[Example]:
+def read_examples(
+    path: Path, input_field="input", output_field="output", answers_field="answers", require_output=True
+) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return read_jsonl(path, input_field, output_field, answers_field)
+        return read_jsonl(path, input_field, output_field, answers_field, require_output)
     if suffix in (".csv", ".tsv"):
-        return read_delimited(path, "," if suffix == ".csv" else "\t", input_field, output_field)
+        return read_delimited(path, "," if suffix == ".csv" else "\t", input_field, output_field, require_output)
     raise ManyICLError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
 
 

@@ -91,7 +91,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         name = self.task_of(i)
         builder = self.builders[name]
         seed = self.seed * 1_000_003 + i
-        seq = builder.build_packed(seed) if self.pack and builder.objective == "zero_shot" else builder.build(seed)
+        seq = builder.build_packed(seed) if self.pack and builder.objective in ("zero_shot", "few_shot") else builder.build(seed)
         return {
             "input_ids": seq.input_ids,
             "labels": seq.labels,

@@ -1,0 +1,132 @@
+"""Training throughput of the target-only loss, side by side, on the embedded default model with LoRA.
+
+Three paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens:
+  (a) many_shot_all  — target-only loss on every answer (ManyICL)
+  (b) many_shot_last — target-only loss on the last answer only (the baseline objective)
+  (c) plain          — transformers' full-logits loss, labels = -100 outside the answers
+Each (path, length) runs in its own process so peak memory (ru_maxrss) is not shared between them.
+
+    python bench/train_throughput.py [--steps 2] [--data ../shared/data]
+
+Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c> tokens_per_s_ratio=<a/c @4096> mfu=<a @4096>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = {"a": "many_shot_all", "b": "many_shot_last", "c": "plain"}
+
+
+def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+def one(path: str, length: int, steps: int, data: str) -> dict:
+    """Runs in a child process: warm-up step, then ``steps`` timed LoRA optimizer steps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from manyicl.formatter import Formatter
+    from manyicl.loss import full_logits_loss, target_only_loss
+    from manyicl.models import load_model, load_tokenizer
+    from manyicl.sequences import SequenceBuilder
+    from manyicl.tasks import load_task_dir
+    from manyicl.train import collate
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("smollm2-135m")
+    task = load_task_dir(Path(data) / "sst2")
+    objective = "many_shot_last" if path == "b" else "many_shot_all"
+    builder = SequenceBuilder(task, tokenizer, Formatter.for_task(task), length, objective)
+    model = load_model("smollm2-135m")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step(seed: int) -> tuple[int, int, int]:
+        seq = builder.build(seed)  # same seeds in every path: identical token sequences
+        batch = collate([{"input_ids": seq.input_ids, "labels": seq.labels, "target_index": seq.target_index(),
+                          "position_ids": None, "sequence_id": 0, "task_id": 0}], tokenizer.pad_token_id)
+        batch.pop("sequence_id"), batch.pop("task_id")
+        loss = full_logits_loss(model, batch) if path == "c" else target_only_loss(model, batch)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return seq.n_tokens, seq.n_targets, sum(e - s for s, e in seq.target_spans)
+
+    step(1000)  # warm-up
+    tokens = answers = target_positions = 0
+    start = time.perf_counter()
+    for s in range(steps):
+        t, a, p = step(s)
+        tokens, answers, target_positions = tokens + t, answers + a, target_positions + p
+    seconds = time.perf_counter() - start
+    cfg = model.get_base_model().config
+    body = sum(p.numel() for n, p in model.get_base_model().model.layers.named_parameters())
+    mean_t = tokens / steps
+    # LoRA: forward 2N + backward through activations 2N per token (frozen weights get no weight gradient)
+    head_positions = mean_t if path == "c" else target_positions / steps
+    flops_per_step = (4 * body * mean_t + 6 * cfg.num_hidden_layers * cfg.hidden_size * mean_t**2
+                      + 4 * cfg.vocab_size * cfg.hidden_size * head_positions)
+    return {
+        "path": path, "length": length, "steps": steps, "seconds_per_step": seconds / steps,
+        "tokens_per_s": tokens / seconds, "answers_per_s": answers / seconds, "answers_per_step": answers / steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_over_model_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_loaded) / 1024,
+        "flops_per_s": flops_per_step * steps / seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--lengths", default="1024,4096")
+    parser.add_argument("--one", nargs=2, metavar=("PATH", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data)))
+        return
+    peak = matmul_peak_flops()
+    rows = {}
+    for length in map(int, args.lengths.split(",")):
+        for path in PATHS:
+            out = subprocess.run([sys.executable, __file__, "--one", path, str(length), "--steps", str(args.steps),
+                                  "--data", args.data], capture_output=True, text=True, check=True)
+            rows[path, length] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = rows[path, length]
+            print(f"{PATHS[path]:>15} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
+                  f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | peak RSS {r['peak_rss_mb']:6.0f} MB "
+                  f"(+{r['peak_over_model_mb']:5.0f} MB over loaded model) | MFU {r['flops_per_s'] / peak:.3f}", flush=True)
+    print(f"fp32 matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s")
+    long = max(length for _, length in rows)
+    short = min(length for _, length in rows)
+    a_s, b_s = rows["a", short], rows["b", short]
+    a_l, c_l = rows["a", long], rows["c", long]
+    print(f"peak memory over the loaded model, (a)/(c) at {long}: {a_l['peak_over_model_mb'] / c_l['peak_over_model_mb']:.3f}")
+    print(f"tokens/s (a)/(c) at {short}: {a_s['tokens_per_s'] / rows['c', short]['tokens_per_s']:.3f}")
+    print(
+        f"RESULT answers_per_s_ratio={a_s['answers_per_s'] / b_s['answers_per_s']:.2f} "
+        f"peak_mem_ratio_{long}={a_l['peak_rss_mb'] / c_l['peak_rss_mb']:.3f} "
+        f"tokens_per_s_ratio={a_l['tokens_per_s'] / c_l['tokens_per_s']:.3f} mfu={a_l['flops_per_s'] / peak:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``manyicl compare``: the paper's experiment on one model, one config, one command.
+
+Methods (all fine-tunes share one budget: steps, sequence length, batch; zero/few-shot sequences are packed
+with isolated units so every method sees the same number of tokens per step):
+
+- ``base``               the untuned model, prompted with the same demonstrations
+- ``zero_shot_ft``       multi-task fine-tune, query only                       (objective zero_shot)
+- ``few_shot_ft``        n demonstrations + query, loss on the last answer       (objective few_shot)
+- ``many_shot_last_ft``  many-shot sequences, loss on the last answer            (objective many_shot_last)
+- ``manyicl``            many-shot sequences, loss on every answer (ManyICL)     (objective many_shot_all)
+- ``task_level``         one LoRA per held-out task, trained on that task alone  (the upper reference)
+
+Every stage writes into ``output_dir`` and is skipped when done, so an interrupted run, or a run with an added
+method or task, does only the missing work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from manyicl.config import ExperimentConfig, dump_config
+from manyicl.errors import ManyICLError
+from manyicl.evaluate import run_evaluation, summary_table
+from manyicl.tasks import task_name
+from manyicl.train import check_split, load_tasks, train
+
+OBJECTIVE_OF = {
+    "zero_shot_ft": "zero_shot",
+    "few_shot_ft": "few_shot",
+    "many_shot_last_ft": "many_shot_last",
+    "manyicl": "many_shot_all",
+}
+METHODS = ("base", *OBJECTIVE_OF, "task_level")
+
+# Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not.
+RESULT_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
+               "tasks.synthetic_seed", "evaluation.max_queries", "evaluation.max_tokens", "evaluation.length_normalize",
+               "evaluation.balance_labels", "evaluation.max_new_tokens", "compare.task_level_steps")
+
+
+def _get(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data
+
+
+def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) -> None:
+    import shutil
+
+    import yaml
+
+    saved_path = out / "compare_config.yaml"
+    if not saved_path.exists():
+        return
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    now = config.model_dump(mode="json")
+    differ = [k for k in RESULT_KEYS if _get(saved, k) != _get(now, k)]
+    if differ:
+        raise ManyICLError(
+            f"{out}: holds a run made with a different config ({', '.join(differ)} differ); use --overwrite to start "
+            f"again or another output_dir"
+        )
+
+
+def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = None) -> ExperimentConfig:
+    """The training config of one fine-tuned method: the shared budget with that method's objective."""
+    data = config.model_dump(mode="json")
+    data["output_dir"] = str(out / "train" / method if task is None else out / "train" / "task_level" / task_name(task))
+    tr = data["training"]
+    if method == "task_level":
+        data["tasks"]["meta_train"] = [task]
+        data["tasks"]["held_out"], data["tasks"]["forgetting"] = [], []
+        tr["objective"] = "zero_shot"
+        tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
+    else:
+        tr["objective"] = OBJECTIVE_OF[method]
+    tr["pack"] = tr["objective"] in ("zero_shot", "few_shot")
+    return ExperimentConfig.model_validate(data)
+
+
+def train_stage(config: ExperimentConfig) -> Path:
+    """Train unless a finished run is there; resume a run that was interrupted."""
+    out = Path(config.output_dir)
+    if (out / "train_summary.json").exists():
+        click.echo(f"reusing {out}")
+    else:
+        train(config, resume=(out / "config.yaml").exists())
+    return out / ("adapter" if config.training.finetune == "lora" else "model")
+
+
+def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: bool = False) -> Path:
+    methods = list(only or config.compare.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ManyICLError(f"compare.methods: unknown method {unknown[0]!r}; use one of {', '.join(METHODS)}")
+    if not config.tasks.held_out:
+        raise ManyICLError("tasks.held_out: list the tasks to evaluate on (never seen in fine-tuning)")
+    if any(m in OBJECTIVE_OF for m in methods) and not config.tasks.meta_train:
+        raise ManyICLError("tasks.meta_train: the fine-tuned methods need a meta-train mixture")
+    check_split(config)
+    out = Path(config.output_dir)
+    check_same_experiment(out, config, overwrite)
+    held = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
+    forgetting = [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_config.yaml").write_text(dump_config(config), encoding="utf-8")
+
+    for method in methods:
+        click.echo(f"== {method}")
+        if method == "base":
+            run_evaluation(config, held + forgetting, "base", None, out)
+        elif method == "task_level":
+            for ref, (task, role) in zip(config.tasks.held_out, held):
+                adapter = train_stage(method_config(config, "task_level", out, ref))
+                run_evaluation(config, [(task, role)], "task_level", str(adapter), out)
+        else:
+            adapter = train_stage(method_config(config, method, out))
+            run_evaluation(config, held + forgetting, method, str(adapter), out)
+
+    from manyicl.report import write_report
+
+    report = write_report(out)
+    click.echo(summary_table(json.loads((out / "results.json").read_text())))
+    return report

@@ -1,0 +1,47 @@
+"""``manyicl predict``: a new task solved by prompting — demonstrations from one file, queries from another."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from manyicl.errors import ManyICLError
+from manyicl.evaluate import CellEvaluator, _write_atomic
+from manyicl.formatter import Formatter
+from manyicl.models import load_model, load_tokenizer
+from manyicl.tasks import FAMILIES, RANKED_FAMILIES, Task, read_examples
+
+
+def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_path: str, shots: str, output: str,
+                 family: str, labels: str | None, max_tokens: int, seed: int) -> int:
+    if family not in FAMILIES:
+        raise ManyICLError(f"--family: unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    if shots != "max" and not shots.isdigit():
+        raise ManyICLError(f"--shots: expected a number or max, got {shots!r}")
+    demos = read_examples(Path(demos_path))
+    queries = read_examples(Path(inputs_path), require_output=False)
+    if not demos:
+        raise ManyICLError(f"{demos_path}: no demonstrations")
+    if not queries:
+        raise ManyICLError(f"{inputs_path}: no inputs")
+    label_set = [l.strip() for l in labels.split(",") if l.strip()] if labels else None
+    task = Task("predict", family, demos, queries, labels=label_set, source=demos_path)
+    if family in RANKED_FAMILIES:
+        unknown = sorted({d.output for d in demos} - set(task.labels))
+        if unknown:
+            raise ManyICLError(f"{demos_path}: demonstration answer {unknown[0]!r} is not in --labels {list(task.labels)}")
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, adapter=adapter).eval()
+    evaluator = CellEvaluator(model, tokenizer, task, Formatter.for_task(task, tokenizer), max_tokens)
+    chosen, _ = evaluator.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
+    result = evaluator.run(chosen, queries)
+    lines = []
+    for q, p in zip(queries, result.predictions):
+        line = {"input": q.input, "prediction": None if p.skipped else p.prediction}
+        if q.output:
+            line["output"] = q.output
+        if p.skipped:
+            line["skipped"] = "the input alone overflows --max-tokens"
+        lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+    _write_atomic(Path(output), "".join(lines))
+    return len(lines)
