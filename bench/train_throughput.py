@@ -4,11 +4,15 @@ Three paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens
   (a) many_shot_all  — target-only loss on every answer (ManyICL)
   (b) many_shot_last — target-only loss on the last answer only (the baseline objective)
   (c) plain          — transformers' full-logits loss, labels = -100 outside the answers
-Each (path, length) runs in its own process so peak memory (ru_maxrss) is not shared between them.
+(b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
+At the long length (a) and (c) also run with gradient checkpointing, the setting for long sequences: without
+it, activations (not logits) dominate memory and hide what the target-only loss saves.
+Each configuration runs in its own process so peak memory (ru_maxrss) is not shared between them.
 
     python bench/train_throughput.py [--steps 2] [--data ../shared/data]
 
-Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c> tokens_per_s_ratio=<a/c @4096> mfu=<a @4096>
+Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c, checkpointed> tokens_per_s_ratio=<a/c @4096>
+mfu=<a @4096>
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
-def one(path: str, length: int, steps: int, data: str) -> dict:
+def one(path: str, length: int, steps: int, data: str, checkpointing: bool) -> dict:
     """Runs in a child process: warm-up step, then ``steps`` timed LoRA optimizer steps."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -55,6 +59,8 @@ def one(path: str, length: int, steps: int, data: str) -> dict:
     builder = SequenceBuilder(task, tokenizer, Formatter.for_task(task), length, objective)
     model = load_model("smollm2-135m")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -98,32 +104,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--lengths", default="1024,4096")
-    parser.add_argument("--one", nargs=2, metavar=("PATH", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("PATH", "LENGTH", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1")))
         return
     peak = matmul_peak_flops()
+    short, long = (int(x) for x in args.lengths.split(","))
+    plan = [("a", short, 0), ("b", short, 0), ("c", short, 0), ("a", long, 0), ("c", long, 0), ("a", long, 1), ("c", long, 1)]
     rows = {}
-    for length in map(int, args.lengths.split(",")):
-        for path in PATHS:
-            out = subprocess.run([sys.executable, __file__, "--one", path, str(length), "--steps", str(args.steps),
-                                  "--data", args.data], capture_output=True, text=True, check=True)
-            rows[path, length] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = rows[path, length]
-            print(f"{PATHS[path]:>15} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
+    for path, length, gc in plan:
+        out = subprocess.run([sys.executable, __file__, "--one", path, str(length), str(gc), "--steps", str(args.steps),
+                              "--data", args.data], capture_output=True, text=True, check=True)
+        rows[path, length, gc] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{PATHS[path] + (' +ckpt' if gc else ''):>21} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
                   f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | peak RSS {r['peak_rss_mb']:6.0f} MB "
                   f"(+{r['peak_over_model_mb']:5.0f} MB over loaded model) | MFU {r['flops_per_s'] / peak:.3f}", flush=True)
     print(f"fp32 matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s")
-    long = max(length for _, length in rows)
-    short = min(length for _, length in rows)
-    a_s, b_s = rows["a", short], rows["b", short]
-    a_l, c_l = rows["a", long], rows["c", long]
-    print(f"peak memory over the loaded model, (a)/(c) at {long}: {a_l['peak_over_model_mb'] / c_l['peak_over_model_mb']:.3f}")
-    print(f"tokens/s (a)/(c) at {short}: {a_s['tokens_per_s'] / rows['c', short]['tokens_per_s']:.3f}")
+    a_s, b_s, c_s = rows["a", short, 0], rows["b", short, 0], rows["c", short, 0]
+    a_l, c_l, a_g, c_g = rows["a", long, 0], rows["c", long, 0], rows["a", long, 1], rows["c", long, 1]
+    print(f"peak RSS (a)/(c) at {long}: {a_l['peak_rss_mb'] / c_l['peak_rss_mb']:.3f} without checkpointing, "
+          f"{a_g['peak_rss_mb'] / c_g['peak_rss_mb']:.3f} with it")
+    print(f"tokens/s (a)/(c): {a_s['tokens_per_s'] / c_s['tokens_per_s']:.3f} at {short}, "
+          f"{a_g['tokens_per_s'] / c_g['tokens_per_s']:.3f} at {long} with checkpointing")
     print(
         f"RESULT answers_per_s_ratio={a_s['answers_per_s'] / b_s['answers_per_s']:.2f} "
-        f"peak_mem_ratio_{long}={a_l['peak_rss_mb'] / c_l['peak_rss_mb']:.3f} "
+        f"peak_mem_ratio_{long}={a_g['peak_rss_mb'] / c_g['peak_rss_mb']:.3f} "
         f"tokens_per_s_ratio={a_l['tokens_per_s'] / c_l['tokens_per_s']:.3f} mfu={a_l['flops_per_s'] / peak:.3f}"
     )
 
