@@ -58,6 +58,11 @@ def test_prefix_cache_equals_naive_smollm2(data_dir):
         cached, naive = evaluate_both(model, tokenizer, task, shots, task.test[:3], max_tokens=1024)
         assert_same(cached, naive)
         assert cached.prefix_tokens > 50
+    task = load_task_dir(data_dir / "lama_P36")  # chat-template mode: generation stops at the end of the turn
+    task.template["chat"] = True
+    cached, naive = evaluate_both(model, tokenizer, task, 8, task.test[:2], max_tokens=1024)
+    assert_same(cached, naive)
+    assert all("<|im_end|>" not in p.prediction for p in cached.predictions)
 
 
 def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
-from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
+from manyicl.sequences import IGNORE_INDEX, SequenceBuilder, leading_special_ids
 from manyicl.tasks import Example, Task, load_task_dir
 
 ALPHABET = st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]) | st.sampled_from("\n\t")
@@ -26,8 +26,9 @@ def check_invariants(tokenizer, builder, seq):
     f = builder.formatter
     # 1. ids are exactly the tokenization of the full formatted text (special tokens included)
     assert seq.input_ids == tokenizer(seq.text, add_special_tokens=True)["input_ids"]
-    # 2. decoding gives the formatted text back
-    assert tokenizer.decode(seq.input_ids, skip_special_tokens=True) == seq.text
+    # 2. decoding gives the formatted text back (after the tokenizer's own leading BOS)
+    lead = len(leading_special_ids(tokenizer))
+    assert tokenizer.decode(seq.input_ids[lead:]) == seq.text
     # 3. supervised tokens are exactly the target spans, and each decodes to answer + delimiter
     supervised = {i for i, lab in enumerate(seq.labels) if lab != IGNORE_INDEX}
     assert supervised == {i for s, e in seq.target_spans for i in range(s, e)}
@@ -35,7 +36,7 @@ def check_invariants(tokenizer, builder, seq):
     rendered_targets = [t for t in _answers_in(seq.text, f)][-seq.n_targets:]
     # decode with the preceding context: SentencePiece decoders drop a leading space of a decoded slice
     def text_upto(i):
-        return tokenizer.decode(seq.input_ids[:i], skip_special_tokens=True)
+        return tokenizer.decode(seq.input_ids[lead:i])
 
     decoded = [text_upto(e)[len(text_upto(s)):] for s, e in seq.target_spans]
     assert decoded == rendered_targets
@@ -165,3 +166,18 @@ def test_packed_zero_shot_is_isolated(llama_tokenizer):
         for s, e in zip(starts, starts[1:]):
             alone = model(torch.tensor([packed.input_ids[s:e]])).logits[0]
             torch.testing.assert_close(together[s:e], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_chat_template_mode(smol_tokenizer):
+    """Chat mode: every example is a user turn + an assistant turn; targets are content + end-of-turn."""
+    task = Task("chat", "classification", [Example(f"text {i}", ["yes", "no"][i % 2]) for i in range(12)], [])
+    f = Formatter.for_task(task, smol_tokenizer, chat=True)
+    b = SequenceBuilder(task, smol_tokenizer, f, 256, "many_shot_all")
+    seq = b.build(0)
+    import random
+
+    order = b.order(random.Random(f"{task.name}:0"))
+    _ANSWERS[seq.text] = [f.answer(task.train[i].output) for i in order[: seq.n_examples]]
+    check_invariants(smol_tokenizer, b, seq)
+    assert seq.text.startswith("<|im_start|>system") and seq.n_targets >= 5
+    assert smol_tokenizer.decode(seq.input_ids[slice(*seq.target_spans[0])]).endswith("<|im_end|>\n")

@@ -94,6 +94,9 @@ def train(config, overrides, resume, overwrite) -> None:
 
     result = run_training(load_config(config, list(overrides)), resume=resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":
+        mixture = json.loads((result.output_dir / "mixture.json").read_text())
+        for name, m in mixture.items():
+            click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5}  supervised answers {m['answers']:>7}")
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; weights in {result.weights_dir}")
 
 
@@ -102,14 +105,15 @@ def train(config, overrides, resume, overwrite) -> None:
 @_set_option
 @click.option("--adapter", default=None, help="PEFT adapter to evaluate (default: model.adapter of the config).")
 @click.option("--method", default=None, help="Name of this model in results.json (default: base, or finetuned with an adapter).")
+@click.option("--no-prefix-cache", is_flag=True, help="Naive path: re-encode the demonstrations for every query.")
 @_friendly
-def evaluate_command(config, overrides, adapter, method) -> None:
+def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> None:
     """Evaluate held-out (and forgetting) tasks over the shot sweep, with the shared-prefix cache."""
     from manyicl.config import load_config
     from manyicl.evaluate import run_evaluation, summary_table
     from manyicl.train import load_tasks
 
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides) + (["evaluation.prefix_cache=false"] if no_prefix_cache else []))
     adapter = adapter or cfg.model.adapter
     if not cfg.tasks.held_out and not cfg.tasks.forgetting:
         raise ManyICLError("tasks.held_out: nothing to evaluate; list held-out (or forgetting) tasks")

@@ -40,6 +40,7 @@ METHODS = ("base", *OBJECTIVE_OF, "task_level")
 RESULT_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
                "tasks.synthetic_seed", "evaluation.max_queries", "evaluation.max_tokens", "evaluation.length_normalize",
                "evaluation.balance_labels", "evaluation.max_new_tokens", "compare.task_level_steps")
+# (compare.task_level_shots may change: added shot counts are evaluated, finished ones kept)
 
 
 def _get(data: dict, dotted: str) -> Any:
@@ -119,7 +120,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         elif method == "task_level":
             for ref, (task, role) in zip(config.tasks.held_out, held):
                 adapter = train_stage(method_config(config, "task_level", out, ref))
-                run_evaluation(config, [(task, role)], "task_level", str(adapter), out)
+                run_evaluation(config, [(task, role)], "task_level", str(adapter), out, shots=config.compare.task_level_shots)
         else:
             adapter = train_stage(method_config(config, method, out))
             run_evaluation(config, held + forgetting, method, str(adapter), out)

@@ -139,6 +139,8 @@ class CompareConfig(Strict):
         default_factory=lambda: ["base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl", "task_level"]
     )
     task_level_steps: int | None = None  # default: training.max_steps
+    # the dedicated model is the zero-shot reference; add shot counts to also prompt it with demonstrations
+    task_level_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0])
 
 
 class ExperimentConfig(Strict):

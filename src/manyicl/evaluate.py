@@ -79,7 +79,7 @@ class PrefixCache:
         self.model, self.length = model, len(prefix_ids)
         self.cache = None
         if prefix_ids:
-            out = model(input_ids=torch.tensor([prefix_ids]), use_cache=True)
+            out = model(input_ids=torch.tensor([prefix_ids]), use_cache=True, logits_to_keep=1)  # only the cache is needed
             self.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         # crop() is exact for plain dynamic layers; other cache types get a pristine copy per query
         self._pristine = None if self.cache is None or _plain_dynamic(self.cache) else copy.deepcopy(self.cache)
@@ -97,8 +97,9 @@ class PrefixCache:
         return self.cache
 
 
-def _forward(model: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-    out = model(input_ids=ids, cache=cache, use_cache=True)
+def _forward(model: Any, ids: torch.Tensor, cache: Any, last_only: bool = True) -> tuple[torch.Tensor, Any]:
+    """One step on top of ``cache``; ``last_only`` skips the LM head (49K-wide for SmolLM2) on earlier positions."""
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
     return out.logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
 
 
@@ -251,7 +252,7 @@ class CellEvaluator:
                 if width > 0:  # continue every candidate on a view of the query cache: no prefix copy
                     view = _batched_view(past, len(group))
                     ids = torch.tensor([c[:-1] + [c[-1]] * (width - len(c) + 1) for c in group])
-                    rest = torch.log_softmax(_forward(self.model, ids, view)[0].float(), -1)
+                    rest = torch.log_softmax(_forward(self.model, ids, view, last_only=False)[0].float(), -1)
                 for k, c in enumerate(group):
                     lp = first[c[0]].item() + sum(rest[k, t - 1, c[t]].item() for t in range(1, len(c)))
                     scores.append(lp / len(c) if self.length_normalize else lp)
@@ -358,7 +359,7 @@ def run_evaluation(
         if not queries:
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
         check_golds(task, queries, tuple(task.labels or ()))
-        for k in (shots or ev.shots if role == "held_out" else ev.forgetting_shots):
+        for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
             if k != "max" and k > len(task.train):
                 raise ManyICLError(f"task {task.name}: shots={k} is larger than its train split ({len(task.train)} examples); lower it")
             for seed in ev.seeds:
