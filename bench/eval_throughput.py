@@ -45,7 +45,7 @@ def main() -> None:
     for shots in map(int, args.shots.split(",")):
         cached = CellEvaluator(model, tokenizer, task, formatter, args.max_tokens, prefix_cache=True)
         naive = CellEvaluator(model, tokenizer, task, formatter, args.max_tokens, prefix_cache=False)
-        demos, _ = cached.choose_demonstrations(shots, 0, False, queries)
+        demos = cached.choose_demonstrations(shots, 0, False, queries)
         with torch.inference_mode():
             fast = cached.run(demos, queries)
             slow = naive.run(demos, queries[: args.naive_queries])

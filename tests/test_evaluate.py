@@ -17,7 +17,7 @@ def evaluate_both(model, tokenizer, task, shots, queries, max_tokens=512):
     outs = []
     for cached in (True, False):
         ev = CellEvaluator(model, tokenizer, task, Formatter.for_task(task, tokenizer), max_tokens, prefix_cache=cached, batch_size=3)
-        demos, _ = ev.choose_demonstrations(shots, 0, False, queries)
+        demos = ev.choose_demonstrations(shots, 0, False, queries)
         outs.append(ev.run(demos, queries))
     return outs
 
@@ -99,7 +99,7 @@ def test_query_overflow_is_skipped_and_counted(tiny, tmp_path):
                    "family: classification\n")
     task = load_task_dir(d)
     ev = CellEvaluator(model, tokenizer, task, Formatter.for_task(task), 128)
-    demos, _ = ev.choose_demonstrations(2, 0, False, task.test)
+    demos = ev.choose_demonstrations(2, 0, False, task.test)
     out = ev.run(demos, task.test)
     assert out.skipped == 1 and out.predictions[1].skipped and not out.predictions[0].skipped
 

@@ -110,6 +110,8 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, tiny_model_dir
                              capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5)
+    mixture = lambda run: json.loads((run / "mixture.json").read_text())  # noqa: E731
+    assert mixture(out) == mixture(reference_run)  # per-task counts survive the crash too
     ours, ref = adapter(out), adapter(reference_run)
     assert ours.keys() == ref.keys()
     for k in ref:

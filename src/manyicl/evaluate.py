@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from manyicl.errors import ManyICLError
+from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.metrics import score, split_labels
 from manyicl.sequences import SequenceBuilder, leading_special_ids, tokenize_spans
@@ -120,13 +121,12 @@ class CellEvaluator:
         length_normalize: bool = False,
         batch_size: int = 8,
         max_new_tokens: int | None = None,
-        labels: tuple[str, ...] | None = None,
     ):
         self.model, self.tokenizer, self.task, self.formatter = model, tokenizer, task, formatter
         self.max_tokens, self.use_cache = max_tokens, prefix_cache
         self.length_normalize, self.batch_size = length_normalize, batch_size
         self.ranked = task.family in RANKED_FAMILIES
-        self.labels = tuple(labels or task.labels or ())
+        self.labels = tuple(task.labels or ())
         self.max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(task.family, 64)
         self.lead = leading_special_ids(tokenizer)
         self.stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
@@ -156,7 +156,7 @@ class CellEvaluator:
         answer = max((len(c) for c in cand_ids), default=0) if self.ranked else self.max_new_tokens
         return len(query_ids) + answer
 
-    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example]) -> tuple[list[Example], str]:
+    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example]) -> list[Example]:
         """The first ``shots`` examples of the seeded order that fit next to the longest query."""
         builder = SequenceBuilder(self.task, self.tokenizer, self.formatter, self.max_tokens, "many_shot_all", balance_labels=balance)
         order = builder.order(random.Random(f"eval:{self.task.name}:{seed}"))
@@ -169,7 +169,8 @@ class CellEvaluator:
             need = self.query_budget(qi, ci)
             if need + len(self.lead) <= self.max_tokens:
                 reserve = max(reserve, need)
-        budget = self.max_tokens - reserve - len(self.lead) - self._count(self.formatter.header)
+        header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
+        budget = self.max_tokens - reserve - len(self.lead) - len(header)
         chosen, used = [], 0
         for i in wanted:
             cost = builder.example_tokens(i)
@@ -182,10 +183,7 @@ class CellEvaluator:
             chosen.pop()
         if shots != "max" and len(chosen) < shots:
             warnings.warn(f"{self.task.name}: only {len(chosen)} of {shots} demonstrations fit in {self.max_tokens} tokens", stacklevel=2)
-        return chosen, self.formatter.render(chosen).text
-
-    def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        return chosen
 
     def prefix_ids(self, demos: list[Example]) -> list[int]:
         rendered = self.formatter.render(demos)  # ends with the continuation: the last delimiter tokenizes as in training
@@ -306,13 +304,6 @@ def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...]) -> 
 # ---------------------------------------------------------------- the runner: cells -> results.json
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def load_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -384,10 +375,10 @@ def run_evaluation(
             model, tokenizer, task, formatter, max_tokens, ev.prefix_cache, ev.length_normalize, ev.batch_size,
             ev.max_new_tokens.get(task.family),
         )
-        demos, _ = evaluator.choose_demonstrations(0 if k == 0 else k, seed, ev.balance_labels, queries)
+        demos = evaluator.choose_demonstrations(k, seed, ev.balance_labels, queries)
         output = evaluator.run(demos, queries)
         stem = f"{method}/{task.name}_shots{k}_seed{seed}"
-        _write_atomic(out / "predictions" / f"{stem}.jsonl", "".join(
+        write_atomic(out / "predictions" / f"{stem}.jsonl", "".join(
             json.dumps({"input": p.input, "prediction": p.prediction, "golds": list(p.golds), "skipped": p.skipped,
                         **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
             for p in output.predictions
@@ -400,7 +391,7 @@ def run_evaluation(
             "prefix_cache": ev.prefix_cache, "seconds": round(output.seconds, 2),
         }
         results.append(record)
-        _write_atomic(results_path, json.dumps(results, indent=1, ensure_ascii=False))
+        write_atomic(results_path, json.dumps(results, indent=1, ensure_ascii=False))
     return results
 
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from manyicl.errors import ManyICLError
-from manyicl.evaluate import CellEvaluator, _write_atomic
+from manyicl.evaluate import CellEvaluator
+from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
 from manyicl.tasks import FAMILIES, RANKED_FAMILIES, Task, read_examples
@@ -33,7 +34,7 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, adapter=adapter).eval()
     evaluator = CellEvaluator(model, tokenizer, task, Formatter.for_task(task, tokenizer), max_tokens)
-    chosen, _ = evaluator.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
+    chosen = evaluator.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
     result = evaluator.run(chosen, queries)
     lines = []
     for q, p in zip(queries, result.predictions):
@@ -43,5 +44,5 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         if p.skipped:
             line["skipped"] = "the input alone overflows --max-tokens"
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
-    _write_atomic(Path(output), "".join(lines))
+    write_atomic(Path(output), "".join(lines))
     return len(lines)

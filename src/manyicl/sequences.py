@@ -181,21 +181,21 @@ class SequenceBuilder:
             chosen = order[: self.n_shots + 1]
         else:
             chosen = order
-        return self.fit([self.task.train[i] for i in chosen], [i for i in chosen])
+        return self.fit(chosen)
 
-    def fit(self, examples: list[Example], indices: list[int] | None = None) -> Sequence:
-        """As many of ``examples`` as fit the budget, whole; an example that alone overflows has its input cut."""
+    def fit(self, indices: list[int]) -> Sequence:
+        """As many of these train examples as fit the budget, whole; one that alone overflows has its input cut."""
         budget = self.max_tokens - self._overhead
         kept, used = [], 0
-        for k, ex in enumerate(examples):
-            cost = self.example_tokens(indices[k]) if indices is not None else self._example_cost(ex)
+        for i in indices:
+            cost = self.example_tokens(i)
             if used + cost > budget:
                 break
-            kept.append(ex)
+            kept.append(self.task.train[i])
             used += cost
         n_truncated = 0
         if not kept:  # the first example alone does not fit: shorten its input, never its answer
-            kept, n_truncated = [self.shorten(examples[0])], 1
+            kept, n_truncated = [self.shorten(self.task.train[indices[0]])], 1
         while True:
             seq = self._tokenize(kept, n_truncated)
             if seq.n_tokens <= self.max_tokens:

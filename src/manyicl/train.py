@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.errors import ManyICLError
+from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.loss import target_only_loss
 from manyicl.models import load_model, load_tokenizer
@@ -33,6 +34,7 @@ from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
 from manyicl.tasks import Task, resolve_task, task_name
 
 CHECKPOINT_MARKER = "manyicl_complete.json"  # written last: a checkpoint without it is incomplete
+TASK_COUNTS = "manyicl_task_counts.json"  # per-task sequences/answers so far, restored on --resume
 
 
 # ---------------------------------------------------------------- the mixture
@@ -163,9 +165,11 @@ class ManyICLTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        counts = _task_counts(self, self.task_names)  # collective: every rank takes part
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            _write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash}))
+            write_atomic(folder / TASK_COUNTS, json.dumps(counts))
+            write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash}))
         if self.args.world_size > 1:
             torch.distributed.barrier()
 
@@ -210,12 +214,6 @@ class TrainLog(TrainerCallback):
 
 
 # ---------------------------------------------------------------- checkpoints and run directories
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def config_hash(config: ExperimentConfig) -> str:
@@ -265,6 +263,7 @@ def _check_readable(checkpoint: Path) -> None:
             with safe_open(str(weights), framework="pt") as f:
                 list(f.keys())
         json.loads((checkpoint / "trainer_state.json").read_text())
+        json.loads((checkpoint / TASK_COUNTS).read_text())
         for name in ("optimizer.pt", "scheduler.pt"):
             if not (checkpoint / name).exists():
                 raise OSError(f"{name} is missing")
@@ -277,7 +276,7 @@ def _truncate_log(path: Path, step: int) -> None:
     """After a crash the log may hold steps past the checkpoint: they are redone, so drop them."""
     if path.exists():
         keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
-        _write_atomic(path, "".join(l + "\n" for l in keep))
+        write_atomic(path, "".join(l + "\n" for l in keep))
 
 
 # ---------------------------------------------------------------- the recipe
@@ -370,9 +369,12 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
 
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "config.yaml", dump_config(config))
+        write_atomic(out / "config.yaml", dump_config(config))
         if checkpoint is not None:
             _truncate_log(out / "train_log.jsonl", int(checkpoint.name.split("-")[1]))
+            # counts before the crash (already summed over ranks) continue on rank 0
+            for name, counts in json.loads((checkpoint / TASK_COUNTS).read_text()).items():
+                trainer.task_stats[name].update(counts)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -385,17 +387,15 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     # 5. outputs: a standard PEFT adapter (or full checkpoint), the mixture statistics, the data shards
     weights_dir = out / ("adapter" if tr.finetune == "lora" else "model")
     trainer.save_model(str(weights_dir))
-    if trainer.is_world_process_zero():
-        if tr.finetune == "full":
-            tokenizer.save_pretrained(weights_dir)
     counts = _task_counts(trainer, dataset.names)  # collective: every rank takes part
     if world > 1:
         _write_shard_record(out, trainer, model)
     if trainer.is_world_process_zero():
+        if tr.finetune == "full":
+            tokenizer.save_pretrained(weights_dir)
         mixture = {n: {"weight": round(weights[n], 4), **counts[n]} for n in dataset.names}
-        _write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
-    if trainer.is_world_process_zero():
-        _write_atomic(out / "train_summary.json", json.dumps({"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir)}))
+        write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
+        write_atomic(out / "train_summary.json", json.dumps({"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir)}))
     return TrainResult(out, weights_dir, steps, seconds)
 
 
@@ -417,7 +417,7 @@ def _write_shard_record(out: Path, trainer: ManyICLTrainer, model: Any) -> None:
             digest.update(p.detach().float().cpu().numpy().tobytes())
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    _write_atomic(shards / f"rank{rank}.json", json.dumps({"sequences": trainer.seen_sequences, "weights_sha256": digest.hexdigest()}))
+    write_atomic(shards / f"rank{rank}.json", json.dumps({"sequences": trainer.seen_sequences, "weights_sha256": digest.hexdigest()}))
 
 
 def _steps_for_epochs(tasks, builders, weights, epochs, per_step, cap) -> int:
