@@ -147,6 +147,7 @@ def _signature_of(config: Any) -> tuple:
 
 
 def _base_signature(base: str | None) -> tuple | None:
+    """The architecture the adapter was trained on, when its base is available locally (else unchecked)."""
     if not base or not (Path(base) / "config.json").exists():
         return None
     from transformers import AutoConfig

@@ -29,7 +29,7 @@ from manyicl.errors import ManyICLError
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.loss import target_only_loss
-from manyicl.models import load_model, load_tokenizer
+from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
 from manyicl.tasks import Task, resolve_task, task_name
 
@@ -321,7 +321,9 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
             target_modules=tr.lora.target_modules, task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-        model.peft_config["default"].base_model_name_or_path = config.model.name
+        # where the base weights are (the converted cache for the embedded default, else the id/path as given),
+        # so that plain PEFT tools (AutoPeftModelForCausalLM) can load the adapter without manyicl
+        model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
 
