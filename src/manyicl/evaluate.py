@@ -170,14 +170,7 @@ class CellEvaluator:
             if need + len(self.lead) <= self.max_tokens:
                 reserve = max(reserve, need)
         header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
-        budget = self.max_tokens - reserve - len(self.lead) - len(header)
-        chosen, used = [], 0
-        for i in wanted:
-            cost = builder.example_tokens(i)
-            if used + cost > budget:
-                break
-            chosen.append(self.task.train[i])
-            used += cost
+        chosen = builder.take_fitting(wanted, self.max_tokens - reserve - len(self.lead) - len(header))
         # token counts of separate examples can differ slightly in context: trim until the prefix really fits
         while chosen and len(self.prefix_ids(chosen)) > self.max_tokens - reserve:
             chosen.pop()

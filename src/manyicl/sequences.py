@@ -183,9 +183,8 @@ class SequenceBuilder:
             chosen = order
         return self.fit(chosen)
 
-    def fit(self, indices: list[int]) -> Sequence:
-        """As many of these train examples as fit the budget, whole; one that alone overflows has its input cut."""
-        budget = self.max_tokens - self._overhead
+    def take_fitting(self, indices: list[int], budget: int) -> list[Example]:
+        """The leading examples of ``indices`` whose summed token counts stay within ``budget``."""
         kept, used = [], 0
         for i in indices:
             cost = self.example_tokens(i)
@@ -193,6 +192,11 @@ class SequenceBuilder:
                 break
             kept.append(self.task.train[i])
             used += cost
+        return kept
+
+    def fit(self, indices: list[int]) -> Sequence:
+        """As many of these train examples as fit the budget, whole; one that alone overflows has its input cut."""
+        kept = self.take_fitting(indices, self.max_tokens - self._overhead)
         n_truncated = 0
         if not kept:  # the first example alone does not fit: shorten its input, never its answer
             kept, n_truncated = [self.shorten(self.task.train[indices[0]])], 1
