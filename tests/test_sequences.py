@@ -22,8 +22,7 @@ def tasks(draw):
     return Task("prop", draw(FAMILIES), examples, [])
 
 
-def check_invariants(tokenizer, builder, seq):
-    f = builder.formatter
+def check_invariants(tokenizer, builder, seq, expected_answers):
     # 1. ids are exactly the tokenization of the full formatted text (special tokens included)
     assert seq.input_ids == tokenizer(seq.text, add_special_tokens=True)["input_ids"]
     # 2. decoding gives the formatted text back (after the tokenizer's own leading BOS)
@@ -33,7 +32,7 @@ def check_invariants(tokenizer, builder, seq):
     supervised = {i for i, lab in enumerate(seq.labels) if lab != IGNORE_INDEX}
     assert supervised == {i for s, e in seq.target_spans for i in range(s, e)}
     assert all(seq.labels[i] == seq.input_ids[i] for i in supervised)
-    rendered_targets = [t for t in _answers_in(seq.text, f)][-seq.n_targets:]
+    rendered_targets = expected_answers[-seq.n_targets:]
     # decode with the preceding context: SentencePiece decoders drop a leading space of a decoded slice
     def text_upto(i):
         return tokenizer.decode(seq.input_ids[lead:i])
@@ -44,12 +43,6 @@ def check_invariants(tokenizer, builder, seq):
     assert seq.n_tokens <= builder.max_tokens
 
 
-def _answers_in(text, formatter):
-    """Answer strings (answer_prefix + output + delimiter) in render order, recomputed from the examples."""
-    return _ANSWERS[text]
-
-
-_ANSWERS: dict = {}
 
 
 @pytest.fixture(params=["smol", "llama"])
@@ -75,8 +68,7 @@ def test_builder_invariants(tokenizer, task, objective, budget, seed):
     expected = [builder.formatter.answer(ex.output) for ex in used]
     if objective != "many_shot_all":
         expected = expected[-1:]
-    _ANSWERS[seq.text] = expected
-    check_invariants(tokenizer, builder, seq)
+    check_invariants(tokenizer, builder, seq, expected)
     # whole demonstrations: every used input appears in full unless the budget forced a cut
     if seq.n_truncated == 0:
         assert all(builder.formatter.prompt(ex.input) in seq.text for ex in used)
@@ -100,8 +92,7 @@ def test_real_tasks_both_tokenizers(tokenizer, data_dir, task_name):
     used = [task.train[i] for i in order[: seq.n_examples]]
     if seq.n_truncated:
         used = used[:1]
-    _ANSWERS[seq.text] = [builder.formatter.answer(ex.output) for ex in used]
-    check_invariants(tokenizer, builder, seq)
+    check_invariants(tokenizer, builder, seq, [builder.formatter.answer(ex.output) for ex in used])
     assert seq.n_targets == seq.n_demonstrations == seq.n_examples >= 1
 
 
@@ -177,7 +168,6 @@ def test_chat_template_mode(smol_tokenizer):
     import random
 
     order = b.order(random.Random(f"{task.name}:0"))
-    _ANSWERS[seq.text] = [f.answer(task.train[i].output) for i in order[: seq.n_examples]]
-    check_invariants(smol_tokenizer, b, seq)
+    check_invariants(smol_tokenizer, b, seq, [f.answer(task.train[i].output) for i in order[: seq.n_examples]])
     assert seq.text.startswith("<|im_start|>system") and seq.n_targets >= 5
     assert smol_tokenizer.decode(seq.input_ids[slice(*seq.target_spans[0])]).endswith("<|im_end|>\n")

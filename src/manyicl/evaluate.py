@@ -56,11 +56,10 @@ class CellOutput:
 
 
 def _plain_dynamic(cache: Any) -> bool:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    """Exactly DynamicLayer everywhere (no sliding-window or other subclass), whose crop() is exact."""
+    from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers) and not any(
-        isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers
-    )
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _batched_view(cache: Any, n: int) -> Any:
