@@ -5,14 +5,15 @@ Three paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens
   (b) many_shot_last — target-only loss on the last answer only (the baseline objective)
   (c) plain          — transformers' full-logits loss, labels = -100 outside the answers
 (b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
-At the long length (a) and (c) also run with gradient checkpointing, the setting for long sequences: without
-it, activations (not logits) dominate memory and hide what the target-only loss saves.
-Each configuration runs in its own process so peak memory (ru_maxrss) is not shared between them.
+At the long length (a) and (c) also run with gradient checkpointing, the setting for long sequences, first with
+glibc's default allocator, then as `manyicl train` runs them on CPU (freed blocks returned to the OS, see
+src/manyicl/memory.py): with the default allocator, freed activations stay in the heap and hide what the
+target-only loss saves. Each configuration runs in its own process so peak memory (ru_maxrss) is not shared.
 
     python bench/train_throughput.py [--steps 2] [--data ../shared/data]
 
-Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c, checkpointed> tokens_per_s_ratio=<a/c @4096>
-mfu=<a @4096>
+Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c, checkpointed, as manyicl trains>
+tokens_per_s_ratio=<a/c @4096> mfu=<a @4096>
 """
 
 from __future__ import annotations
@@ -40,18 +41,21 @@ def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
-def one(path: str, length: int, steps: int, data: str, checkpointing: bool) -> dict:
+def one(path: str, length: int, steps: int, data: str, checkpointing: bool, release: bool) -> dict:
     """Runs in a child process: warm-up step, then ``steps`` timed LoRA optimizer steps."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from manyicl.formatter import Formatter
     from manyicl.loss import full_logits_loss, target_only_loss
+    from manyicl.memory import release_freed_memory
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
     from manyicl.train import collate
 
+    if release and not release_freed_memory():
+        raise SystemExit("release_freed_memory does not apply on this platform (needs Linux with glibc)")
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
     task = load_task_dir(Path(data) / "sst2")
@@ -104,35 +108,43 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--lengths", default="1024,4096")
-    parser.add_argument("--one", nargs=3, metavar=("PATH", "LENGTH", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, metavar=("PATH", "LENGTH", "CHECKPOINTING", "RELEASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1")))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1", args.one[3] == "1")))
         return
     peak = matmul_peak_flops()
     short, long = (int(x) for x in args.lengths.split(","))
-    plan = [("a", short, 0), ("b", short, 0), ("c", short, 0), ("a", long, 0), ("c", long, 0), ("a", long, 1), ("c", long, 1)]
+    # (path, tokens, gradient checkpointing, freed memory returned to the OS)
+    plan = [("a", short, 0, 0), ("b", short, 0, 0), ("c", short, 0, 0), ("a", long, 0, 0), ("c", long, 0, 0),
+            ("a", long, 1, 0), ("c", long, 1, 0), ("a", long, 1, 1), ("c", long, 1, 1)]
     rows = {}
-    for path, length, gc in plan:
-        out = subprocess.run([sys.executable, __file__, "--one", path, str(length), str(gc), "--steps", str(args.steps),
-                              "--data", args.data], capture_output=True, text=True, check=True)
-        rows[path, length, gc] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{PATHS[path] + (' +ckpt' if gc else ''):>21} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
-                  f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | peak RSS {r['peak_rss_mb']:6.0f} MB "
-                  f"(+{r['peak_over_model_mb']:5.0f} MB over loaded model) | MFU {r['flops_per_s'] / peak:.3f}", flush=True)
+    for key in plan:
+        path, length, gc, release = key
+        out = subprocess.run([sys.executable, __file__, "--one", path, str(length), str(gc), str(release),
+                              "--steps", str(args.steps), "--data", args.data], capture_output=True, text=True, check=True)
+        rows[key] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        name = PATHS[path] + (" +ckpt" if gc else "") + (" +release" if release else "")
+        print(f"{name:>30} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
+              f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | peak RSS {r['peak_rss_mb']:6.0f} MB "
+              f"(+{r['peak_over_model_mb']:5.0f} MB over loaded model) | MFU {r['flops_per_s'] / peak:.3f}", flush=True)
     print(f"fp32 matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s")
-    a_s, b_s, c_s = rows["a", short, 0], rows["b", short, 0], rows["c", short, 0]
-    a_l, c_l, a_g, c_g = rows["a", long, 0], rows["c", long, 0], rows["a", long, 1], rows["c", long, 1]
-    print(f"peak RSS (a)/(c) at {long}: {a_l['peak_rss_mb'] / c_l['peak_rss_mb']:.3f} without checkpointing, "
-          f"{a_g['peak_rss_mb'] / c_g['peak_rss_mb']:.3f} with it")
-    print(f"tokens/s (a)/(c): {a_s['tokens_per_s'] / c_s['tokens_per_s']:.3f} at {short}, "
-          f"{a_g['tokens_per_s'] / c_g['tokens_per_s']:.3f} at {long} with checkpointing")
-    print(
-        f"RESULT answers_per_s_ratio={a_s['answers_per_s'] / b_s['answers_per_s']:.2f} "
-        f"peak_mem_ratio_{long}={a_g['peak_rss_mb'] / c_g['peak_rss_mb']:.3f} "
-        f"tokens_per_s_ratio={a_l['tokens_per_s'] / c_l['tokens_per_s']:.3f} mfu={a_l['flops_per_s'] / peak:.3f}"
-    )
 
+    def ratio(a: tuple, c: tuple, field: str) -> float:
+        return rows[a][field] / rows[c][field]
+
+    print(f"peak RSS (a)/(c) at {long}: {ratio(('a', long, 0, 0), ('c', long, 0, 0), 'peak_rss_mb'):.3f} plain, "
+          f"{ratio(('a', long, 1, 0), ('c', long, 1, 0), 'peak_rss_mb'):.3f} checkpointed, "
+          f"{ratio(('a', long, 1, 1), ('c', long, 1, 1), 'peak_rss_mb'):.3f} checkpointed + release (as manyicl trains)")
+    print(f"tokens/s (a)/(c): {ratio(('a', short, 0, 0), ('c', short, 0, 0), 'tokens_per_s'):.3f} at {short}, "
+          f"{ratio(('a', long, 0, 0), ('c', long, 0, 0), 'tokens_per_s'):.3f} at {long}, "
+          f"{ratio(('a', long, 1, 1), ('c', long, 1, 1), 'tokens_per_s'):.3f} at {long} checkpointed + release")
+    print(
+        f"RESULT answers_per_s_ratio={ratio(('a', short, 0, 0), ('b', short, 0, 0), 'answers_per_s'):.2f} "
+        f"peak_mem_ratio_{long}={ratio(('a', long, 1, 1), ('c', long, 1, 1), 'peak_rss_mb'):.3f} "
+        f"tokens_per_s_ratio={ratio(('a', long, 0, 0), ('c', long, 0, 0), 'tokens_per_s'):.3f} "
+        f"mfu={rows['a', long, 0, 0]['flops_per_s'] / peak:.3f}"
+    )
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,49 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, tiny_model_dir
         torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-5)
 
 
+def test_gradient_checkpointing_same_run_and_memory_released(reference_run, tiny_model_dir, data_dir, tmp_path):
+    """Checkpointing changes memory, not the math; on CPU it also turns on release_freed_memory (memory.py)."""
+    out = tmp_path / "ckpt"
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny_model_dir, data_dir, out, gradient_checkpointing=True))
+    proc = subprocess.run([sys.executable, "-m", "manyicl.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "freed activations were returned to the OS" in proc.stdout
+    assert json.loads((out / "train_summary.json").read_text())["released_freed_memory"] is True
+    assert json.loads((reference_run / "train_summary.json").read_text())["released_freed_memory"] is False
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5)
+    ours, ref = adapter(out), adapter(reference_run)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
+MMAPPED_AFTER_FREE = """
+    import ctypes, sys, torch
+    from manyicl.memory import release_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    if sys.argv[1] == "release":
+        assert release_freed_memory()
+    torch.empty(16 << 20, dtype=torch.uint8)  # allocating and freeing a 16 MB block raises glibc's dynamic mmap threshold
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(4 << 20, dtype=torch.uint8)
+    print(libc.mallinfo2().hblkhd - before >= 4 << 20)  # is the 4 MB block mmap-ed (returned to the OS on free)?
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator")
+def test_release_freed_memory_mmaps_large_blocks():
+    def mmapped(mode):
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MMAPPED_AFTER_FREE), mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    assert mmapped("default") == "False"  # glibc keeps it in the heap, where freed memory stays with the process
+    assert mmapped("release") == "True"
+
+
 def test_distributed_two_ranks(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny_model_dir, data_dir, out, max_steps=4, save_steps=100))

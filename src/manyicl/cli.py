@@ -97,6 +97,8 @@ def train(config, overrides, resume, overwrite) -> None:
         mixture = json.loads((result.output_dir / "mixture.json").read_text())
         for name, m in mixture.items():
             click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5}  supervised answers {m['answers']:>7}")
+        if result.released_freed_memory:
+            click.echo("CPU: freed activations were returned to the OS (lower peak memory, slower steps; see training.release_freed_memory)")
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; weights in {result.weights_dir}")
 
 

@@ -116,6 +116,9 @@ class TrainingConfig(Strict):
     mixture_temperature: float = Field(1.0, gt=0)  # P(task) ∝ min(size, cap) ** (1 / T)
     mixture_cap: int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
+    # CPU only: return freed activations to the OS (lower peak RSS, slower steps; see memory.py).
+    # None: on together with gradient_checkpointing
+    release_freed_memory: bool | None = None
     save_steps: int = Field(50, gt=0)
     save_total_limit: int | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

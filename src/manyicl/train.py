@@ -29,6 +29,7 @@ from manyicl.errors import ManyICLError
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.loss import target_only_loss
+from manyicl.memory import release_freed_memory
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
 from manyicl.tasks import Task, resolve_task, task_name
@@ -288,6 +289,7 @@ class TrainResult:
     weights_dir: Path
     steps: int
     seconds: float
+    released_freed_memory: bool  # CPU: large blocks were mmap-ed (see memory.py)
 
 
 def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -326,6 +328,8 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
+    release = tr.gradient_checkpointing if tr.release_freed_memory is None else tr.release_freed_memory
+    released = release and not torch.cuda.is_available() and release_freed_memory()
 
     # 3. the data: sequences drawn lazily from the mixture
     weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
@@ -397,8 +401,10 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
             tokenizer.save_pretrained(weights_dir)
         mixture = {n: {"weight": round(weights[n], 4), **counts[n]} for n in dataset.names}
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
-        write_atomic(out / "train_summary.json", json.dumps({"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir)}))
-    return TrainResult(out, weights_dir, steps, seconds)
+        write_atomic(out / "train_summary.json", json.dumps({
+            "steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir), "released_freed_memory": released,
+        }))
+    return TrainResult(out, weights_dir, steps, seconds, released)
 
 
 def _task_counts(trainer: ManyICLTrainer, names: list[str]) -> dict[str, dict[str, int]]:
