@@ -95,6 +95,8 @@ def test_compare_refuses_a_different_config(tiny_model_dir, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out)))
     assert run(path, "--only", "base").exit_code == 0
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__release_freed_memory=False)))
+    assert run(path, "--only", "base").exit_code == 0  # a memory/speed setting: same results, accepted
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__learning_rate=0.1)))
     result = run(path, "--only", "base")
     assert result.exit_code == 2 and "different config (training differ)" in result.stderr and "--overwrite" in result.stderr

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
-from manyicl.train import train
+from manyicl.train import config_hash, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +131,9 @@ def test_gradient_checkpointing_same_run_and_memory_released(reference_run, tiny
     ours, ref = adapter(out), adapter(reference_run)
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-5)
+    # a memory/speed setting: a run may be resumed with it changed
+    hash_of = lambda **t: config_hash(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, **t)))  # noqa: E731
+    assert hash_of(release_freed_memory=False) == hash_of(release_freed_memory=True) != hash_of(learning_rate=0.1)
 
 
 MMAPPED_AFTER_FREE = """

@@ -222,6 +222,7 @@ def config_hash(config: ExperimentConfig) -> str:
     data = config.model_dump(mode="json")
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
+    data["training"].pop("release_freed_memory")  # memory and speed only: the same weights either way
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
