@@ -146,5 +146,6 @@ def main() -> None:
         f"mfu={rows['a', long, 0, 0]['flops_per_s'] / peak:.3f}"
     )
 
+
 if __name__ == "__main__":
     main()

@@ -22,9 +22,10 @@ from typing import Any
 
 import click
 
-from manyicl.config import ExperimentConfig, dump_config
+from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
 from manyicl.evaluate import run_evaluation, summary_table
+from manyicl.files import write_atomic
 from manyicl.tasks import task_name
 from manyicl.train import check_split, load_tasks, train
 
@@ -60,10 +61,8 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
     if overwrite:
         shutil.rmtree(out)
         return
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    now = config.model_dump(mode="json")
-    for data in (saved, now):  # memory and speed only: the same results either way
-        data.get("training", {}).pop("release_freed_memory", None)
+    saved = drop_speed_settings(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    now = drop_speed_settings(config.model_dump(mode="json"))
     differ = [k for k in RESULT_KEYS if _get(saved, k) != _get(now, k)]
     if differ:
         raise ManyICLError(
@@ -113,7 +112,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     held = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
     forgetting = [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.yaml").write_text(dump_config(config), encoding="utf-8")
+    write_atomic(out / "compare_config.yaml", dump_config(config))
 
     for method in methods:
         click.echo(f"== {method}")

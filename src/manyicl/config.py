@@ -213,3 +213,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def drop_speed_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config without the settings that change memory and speed but never results, for comparing runs."""
+    data.get("training", {}).pop("release_freed_memory", None)
+    return data

@@ -158,9 +158,8 @@ class CellEvaluator:
     def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example]) -> list[Example]:
         """The first ``shots`` examples of the seeded order that fit next to the longest query."""
         builder = SequenceBuilder(self.task, self.tokenizer, self.formatter, self.max_tokens, "many_shot_all", balance_labels=balance)
+        check_shots(self.task, shots)
         order = builder.order(random.Random(f"eval:{self.task.name}:{seed}"))
-        if shots != "max" and shots > len(order):
-            raise ManyICLError(f"task {self.task.name}: shots={shots} is larger than its train split ({len(order)} examples); lower it")
         wanted = order if shots == "max" else order[:shots]
         reserve = 0
         for q in queries:
@@ -283,6 +282,11 @@ class CellEvaluator:
         return self.formatter.strip_answer(self.tokenizer.decode(generated))
 
 
+def check_shots(task: Task, shots: int | str) -> None:
+    if shots != "max" and shots > len(task.train):
+        raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split ({len(task.train)} examples); lower it")
+
+
 def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...]) -> None:
     """Before any work: every gold of a ranked task must be a candidate, or accuracy is silently capped."""
     if task.family not in RANKED_FAMILIES:
@@ -343,8 +347,7 @@ def run_evaluation(
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
         check_golds(task, queries, tuple(task.labels or ()))
         for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
-            if k != "max" and k > len(task.train):
-                raise ManyICLError(f"task {task.name}: shots={k} is larger than its train split ({len(task.train)} examples); lower it")
+            check_shots(task, k)
             for seed in ev.seeds:
                 key = (method, model_name, adapter, task.name, str(k), seed)
                 if key not in done:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from manyicl.config import ExperimentConfig, dump_config
+from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
@@ -157,9 +157,7 @@ class ManyICLTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training-step record: add the counts of this step, summed over ranks
-            counts = torch.tensor([self.step_stats[k] for k in ("tokens", "target_tokens", "answers")], dtype=torch.float64)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(counts)
+            counts = _sum_over_ranks([self.step_stats[k] for k in ("tokens", "target_tokens", "answers")])
             logs.update(tokens=int(counts[0]), target_tokens=int(counts[1]), answers=int(counts[2]))
             self.step_stats.clear()
         super().log(logs, *args, **kwargs)
@@ -219,10 +217,9 @@ class TrainLog(TrainerCallback):
 
 def config_hash(config: ExperimentConfig) -> str:
     """What decides the weights: everything but where outputs go and how evaluation runs."""
-    data = config.model_dump(mode="json")
+    data = drop_speed_settings(config.model_dump(mode="json"))
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
-    data["training"].pop("release_freed_memory")  # memory and speed only: the same weights either way
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -408,11 +405,17 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     return TrainResult(out, weights_dir, steps, seconds, released)
 
 
+def _sum_over_ranks(counts: list) -> torch.Tensor:
+    """Counts summed over ranks (a collective: every rank must call it); unchanged on a single process."""
+    total = torch.tensor(counts, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total
+
+
 def _task_counts(trainer: ManyICLTrainer, names: list[str]) -> dict[str, dict[str, int]]:
     """Sequences and supervised answers per task, summed over ranks (each rank saw its own shard)."""
-    counts = torch.tensor([[trainer.task_stats[n][k] for k in ("sequences", "answers")] for n in names], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
+    counts = _sum_over_ranks([[trainer.task_stats[n][k] for k in ("sequences", "answers")] for n in names])
     return {n: {"sequences": int(c[0]), "answers": int(c[1])} for n, c in zip(names, counts)}
 
 
