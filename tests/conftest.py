@@ -79,15 +79,16 @@ def llama_tokenizer(data_dir):
     return build_llama_style_tokenizer()
 
 
-def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64):
-    """A random-init causal LM of a real architecture, small enough for CPU tests."""
+def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, kv_heads: int = 2,
+               **extra):
+    """A random-init causal LM of a real architecture, small enough for CPU tests (grouped-query by default)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096, **extra,
     )
     if arch == "gemma":
         kwargs["head_dim"] = hidden // 4

@@ -1,35 +1,39 @@
 """Evaluation: the prefix cache gives the naive path's predictions and log-probs; outputs, resume, errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from conftest import tiny_config, write_task
+from conftest import tiny_config, tiny_model, write_task
 from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
-from manyicl.evaluate import CellEvaluator, run_evaluation
+from manyicl.evaluation import NaiveBackend, Prompter, SharedPrefixBackend, evaluate_cell, hf_backend, run_evaluation
 from manyicl.formatter import Formatter
 from manyicl.tasks import load_task_dir
 
 
-def evaluate_both(model, tokenizer, task, shots, queries, max_tokens=512):
-    outs = []
-    for cached in (True, False):
-        ev = CellEvaluator(model, tokenizer, task, Formatter.for_task(task, tokenizer), max_tokens, prefix_cache=cached, batch_size=3)
-        demos = ev.choose_demonstrations(shots, 0, False, queries)
-        outs.append(ev.run(demos, queries))
-    return outs
+def evaluate_both(model, tokenizer, task, shots, queries, max_tokens=1024, batch_tokens=256):
+    """The same cell through the shared-prefix backend (small groups: several per cell) and the naive one."""
+    prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
+    demos = prompter.choose_demonstrations(shots, 0, False, queries)
+    backends = (SharedPrefixBackend(model, tokenizer, batch_tokens), NaiveBackend(model, tokenizer))
+    return [evaluate_cell(b, prompter, demos, queries) for b in backends]
 
 
-def assert_same(cached, naive):
+def assert_same(cached, naive, tolerance=1e-4):
     assert cached.shots == naive.shots and cached.prefix_tokens == naive.prefix_tokens
     assert [p.prediction for p in cached.predictions] == [p.prediction for p in naive.predictions]
     for a, b in zip(cached.predictions, naive.predictions):
+        assert (a.scores is None) == (b.scores is None)
         if a.scores:
             assert a.scores.keys() == b.scores.keys()
             for k in a.scores:
-                assert abs(a.scores[k] - b.scores[k]) < 1e-4
+                assert abs(a.scores[k] - b.scores[k]) < tolerance
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +43,95 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("name, shots", [("agnews", 2), ("gsm8k", 2), ("goemotions", 4), ("sst2", "max"), ("sst2", 0)])
-def test_prefix_cache_equals_naive_tiny(tiny, data_dir, name, shots):
+CELLS = [("agnews", 2), ("rte", 3), ("arc_challenge", 2), ("gsm8k", 2), ("goemotions", 4), ("lama_P36", 3),
+         ("sst2", "max"), ("sst2", 0)]
+
+
+@pytest.mark.parametrize("name, shots", CELLS)
+def test_shared_prefix_equals_naive_gqa(tiny, data_dir, name, shots):
+    """A grouped-query Llama (4 query heads, 2 key/value heads): every family, several groups per cell."""
     model, tokenizer = tiny
     task = load_task_dir(data_dir / name)
-    cached, naive = evaluate_both(model, tokenizer, task, shots, task.test[:4])
+    cached, naive = evaluate_both(model, tokenizer, task, shots, task.test[:5])
     assert_same(cached, naive)
-    assert cached.shots == (shots if shots != "max" else cached.shots) and not cached.skipped
+    assert not cached.skipped and (shots == "max" or cached.shots == shots)
+
+
+@pytest.fixture(scope="module")
+def tiny_no_gqa(llama_tokenizer):
+    return tiny_model(len(llama_tokenizer), arch="qwen2", kv_heads=4, seed=1), llama_tokenizer
+
+
+@pytest.mark.parametrize("name, shots", CELLS[:6])
+def test_shared_prefix_equals_naive_without_gqa(tiny_no_gqa, data_dir, name, shots):
+    model, tokenizer = tiny_no_gqa
+    assert model.config.num_key_value_heads == model.config.num_attention_heads
+    task = load_task_dir(data_dir / name)
+    assert_same(*evaluate_both(model, tokenizer, task, shots, task.test[:5]))
+
+
+def test_sliding_window_falls_back_to_the_exact_path(llama_tokenizer, data_dir):
+    model = tiny_model(len(llama_tokenizer), arch="mistral", sliding_window=16)
+    with pytest.warns(UserWarning) as caught:
+        backend = hf_backend(model, llama_tokenizer, 512)
+    assert isinstance(backend, NaiveBackend)
+    [notice] = [str(w.message) for w in caught]
+    assert "sliding-window attention (16 tokens)" in notice and "exact path" in notice and "\n" not in notice
+    # why: the block mask ignores the window, so the shared prefix would NOT reproduce the model
+    task = load_task_dir(data_dir / "sst2")
+    cached, naive = evaluate_both(model, llama_tokenizer, task, 6, task.test[:3])
+    assert max(abs(a.scores[k] - b.scores[k]) for a, b in zip(cached.predictions, naive.predictions) for k in a.scores) > 1e-3
+    assert hf_backend(tiny_model(len(llama_tokenizer)), llama_tokenizer, 512).__class__ is SharedPrefixBackend
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("name, n", [("sst2", 32), ("lama_P36", 12)])
+def test_batch_composition_does_not_change_predictions(llama_tokenizer, data_dir, name, n):
+    """A query alone and in a group of 32 give the same answer and log-probs."""
+    model = tiny_model(len(llama_tokenizer))
+    calls = count_forwards(model)
+    task = load_task_dir(data_dir / name)
+    queries = task.test[:n]
+    prompter = Prompter(task, llama_tokenizer, Formatter.for_task(task, llama_tokenizer), 1024)
+    demos = prompter.choose_demonstrations(4, 0, False, queries)
+    grouped = evaluate_cell(SharedPrefixBackend(model, llama_tokenizer, batch_tokens=100_000), prompter, demos, queries)
+    grouped_calls = len(calls)
+    alone = evaluate_cell(SharedPrefixBackend(model, llama_tokenizer, batch_tokens=1), prompter, demos, queries)
+    assert_same(grouped, alone, tolerance=1e-5)
+    if prompter.ranked:  # one forward for the prefix and ONE for all 32 queries with their candidates
+        assert grouped_calls == 2 and len(calls) - grouped_calls == 1 + n
+    else:  # decoding steps are shared by the group: far fewer forwards than one query at a time
+        assert grouped_calls < (len(calls) - grouped_calls) / 4
+
+
+def test_prefix_is_written_once_in_place(tiny, data_dir):
+    model, tokenizer = tiny
+    task = load_task_dir(data_dir / "sst2")
+    prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), 512)
+    demos = prompter.choose_demonstrations(8, 0, False, task.test[:20])
+    prefix = prompter.prefix_ids(demos)
+    backend = SharedPrefixBackend(model, tokenizer, batch_tokens=64)  # several groups
+    evaluate_cell(backend, prompter, demos, task.test[:10])
+    layer = backend._store.layers[0]
+    buffer, written = layer._keys.data_ptr(), layer._keys[..., : len(prefix), :].clone()
+    evaluate_cell(backend, prompter, demos, task.test[10:20])  # same cell: the prefix is not recomputed or copied
+    assert layer._keys.data_ptr() == buffer and torch.equal(layer._keys[..., : len(prefix), :], written)
+    assert layer.length == len(prefix) and layer.capacity >= len(prefix) + 64
 
 
 @pytest.mark.slow
-def test_prefix_cache_equals_naive_smollm2(data_dir):
+def test_shared_prefix_equals_naive_smollm2(data_dir):
     from manyicl.models import load_model, load_tokenizer
 
     model, tokenizer = load_model("smollm2-135m").eval(), load_tokenizer("smollm2-135m")
     for name, shots in [("sst2", 16), ("lama_P36", 8)]:
         task = load_task_dir(data_dir / name)
-        cached, naive = evaluate_both(model, tokenizer, task, shots, task.test[:3], max_tokens=1024)
+        cached, naive = evaluate_both(model, tokenizer, task, shots, task.test[:4], max_tokens=1024)
         assert_same(cached, naive)
         assert cached.prefix_tokens > 50
     task = load_task_dir(data_dir / "lama_P36")  # chat-template mode: generation stops at the end of the turn
@@ -98,9 +174,9 @@ def test_query_overflow_is_skipped_and_counted(tiny, tmp_path):
                    [{"input": "short", "output": "yes"}, {"input": "long " * 400, "output": "no"}],
                    "family: classification\n")
     task = load_task_dir(d)
-    ev = CellEvaluator(model, tokenizer, task, Formatter.for_task(task), 128)
-    demos = ev.choose_demonstrations(2, 0, False, task.test)
-    out = ev.run(demos, task.test)
+    prompter = Prompter(task, tokenizer, Formatter.for_task(task), 128)
+    demos = prompter.choose_demonstrations(2, 0, False, task.test)
+    out = evaluate_cell(hf_backend(model, tokenizer, 128), prompter, demos, task.test)
     assert out.skipped == 1 and out.predictions[1].skipped and not out.predictions[0].skipped
 
 
@@ -153,3 +229,38 @@ def test_predict_cli(tiny_model_dir, tmp_path):
     bad = CliRunner().invoke(main, ["predict", "--model", str(tiny_model_dir), "--demos", str(demos), "--inputs",
                                     str(inputs), "--shots", "4", "--output", str(out), "--labels", "cat,bird"])
     assert bad.exit_code == 2 and "'dog' is not in --labels" in bad.stderr
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_merges_the_same_records(tiny_model_dir, data_dir, tmp_path):
+    """accelerate launch: cells dealt to 2 CPU ranks; rank 0 merges results.json = the one-process records."""
+    from click.testing import CliRunner
+
+    from manyicl.cli import main
+
+    def config(out):
+        cfg = tiny_config(tiny_model_dir, data_dir, out)
+        cfg["tasks"].update(held_out=["sst2", "lama_P36"], forgetting=["rte"])
+        cfg["evaluation"] = {"shots": [0, 2], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [1], "max_tokens": 512}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    one = CliRunner().invoke(main, ["eval", str(config(tmp_path / "one"))])
+    assert one.exit_code == 0, one.output
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "manyicl.cli", "eval", str(config(tmp_path / "two"))],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results:") == 1  # printed by rank 0 only
+
+    def records(out):
+        return [{k: v for k, v in r.items() if k != "seconds"}
+                for r in json.loads((out / "results.json").read_text())]
+
+    assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "one")) == 2 * 2 * 2 + 2
+    assert not list((tmp_path / "two").glob("results.rank*.json"))
+    for f in (tmp_path / "one" / "predictions" / "base").iterdir():
+        assert (tmp_path / "two" / "predictions" / "base" / f.name).read_text() == f.read_text()

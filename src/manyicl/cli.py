@@ -112,7 +112,8 @@ def train(config, overrides, resume, overwrite) -> None:
 def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> None:
     """Evaluate held-out (and forgetting) tasks over the shot sweep, with the shared-prefix cache."""
     from manyicl.config import load_config
-    from manyicl.evaluate import run_evaluation, summary_table
+    from manyicl.evaluation import run_evaluation
+    from manyicl.report import summary_table
     from manyicl.train import load_tasks
 
     cfg = load_config(config, list(overrides) + (["evaluation.prefix_cache=false"] if no_prefix_cache else []))
@@ -122,8 +123,9 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
     tasks = [(t, "held_out") for t in load_tasks(cfg, cfg.tasks.held_out)]
     tasks += [(t, "forgetting") for t in load_tasks(cfg, cfg.tasks.forgetting)]
     results = run_evaluation(cfg, tasks, method or ("finetuned" if adapter else "base"), adapter)
-    click.echo(summary_table(results))
-    click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank returns the merged results
+        click.echo(summary_table(results))
+        click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")
 
 
 @main.command()

@@ -24,7 +24,8 @@ import click
 
 from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
-from manyicl.evaluate import run_evaluation, summary_table
+from manyicl.evaluation import run_evaluation
+from manyicl.report import summary_table
 from manyicl.files import write_atomic
 from manyicl.tasks import task_name
 from manyicl.train import check_split, load_tasks, train

@@ -133,8 +133,10 @@ class EvaluationConfig(Strict):
     balance_labels: bool = False
     length_normalize: bool = False  # rank label candidates by mean instead of summed log-prob
     prefix_cache: bool = True
-    batch_size: int = Field(8, gt=0)  # candidates / queries per forward pass on top of the cached prefix
-    max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in evaluate.py
+    # tokens per forward after the shared prefix: queries (with their candidates' trie, or their generation room)
+    # are grouped up to this many; the naive path puts this many tokens of candidates in one forward
+    batch_tokens: int = Field(2048, gt=0)
+    max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in evaluation/prompting.py
 
 
 class CompareConfig(Strict):

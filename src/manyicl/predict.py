@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from manyicl.errors import ManyICLError
-from manyicl.evaluate import CellEvaluator
+from manyicl.evaluation import Prompter, evaluate_cell, hf_backend
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
@@ -33,9 +33,9 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
             raise ManyICLError(f"{demos_path}: demonstration answer {unknown[0]!r} is not in --labels {list(task.labels)}")
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, adapter=adapter).eval()
-    evaluator = CellEvaluator(model, tokenizer, task, Formatter.for_task(task, tokenizer), max_tokens)
-    chosen = evaluator.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
-    result = evaluator.run(chosen, queries)
+    prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
+    chosen = prompter.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
+    result = evaluate_cell(hf_backend(model, tokenizer, max_tokens), prompter, chosen, queries)
     lines = []
     for q, p in zip(queries, result.predictions):
         line = {"input": q.input, "prediction": None if p.skipped else p.prediction}

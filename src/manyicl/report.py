@@ -20,6 +20,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def summary_table(results: list[dict]) -> str:
+    """Mean ± std over seeds per (method, task, shots)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["task"], str(r["shots_requested"])), []).append(r)
+    lines = [f"{'method':<18} {'task':<22} {'shots':>6} {'used':>5} {'metric':<14} {'value':>15} {'n':>5} {'s/query':>8}"]
+    for (method, task, k), rs in groups.items():
+        values = [r["value"] for r in rs]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        per_query = sum(r["seconds"] for r in rs) / max(sum(r["n"] for r in rs), 1)
+        lines.append(
+            f"{method:<18} {task:<22} {k:>6} {rs[0]['shots']:>5} {rs[0]['metric']:<14} "
+            f"{statistics.mean(values):>8.3f} ± {std:.3f} {rs[0]['n']:>5} {per_query:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
 def aggregate(results: list[dict]) -> dict[tuple, dict]:
     """(method, task, shots_requested) -> mean, std over seeds, and the cell's facts."""
     groups: dict[tuple, list[dict]] = {}

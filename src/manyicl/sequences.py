@@ -21,7 +21,7 @@ from typing import Any, Sequence as Seq
 
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
-from manyicl.tasks import LABEL_FAMILIES, Example, Task
+from manyicl.tasks import Example, Task, take_fitting
 
 OBJECTIVES = ("zero_shot", "few_shot", "many_shot_last", "many_shot_all")
 IGNORE_INDEX = -100
@@ -156,20 +156,7 @@ class SequenceBuilder:
 
     # ---- sampling order
     def order(self, rng: random.Random) -> list[int]:
-        """Indices of train examples in the order they are used; label-balanced = round robin over labels."""
-        indices = list(range(len(self.task.train)))
-        rng.shuffle(indices)
-        if not (self.balance_labels and self.task.family in LABEL_FAMILIES):
-            return indices
-        by_label: dict[str, list[int]] = {}
-        for i in indices:
-            by_label.setdefault(self.task.label_of(self.task.train[i]), []).append(i)
-        groups = list(by_label.values())
-        rng.shuffle(groups)
-        out = []
-        for k in range(max(len(g) for g in groups)):
-            out += [g[k] for g in groups if k < len(g)]
-        return out
+        return self.task.order(rng, self.balance_labels)
 
     # ---- building
     def build(self, seed: int) -> Sequence:
@@ -185,14 +172,7 @@ class SequenceBuilder:
 
     def take_fitting(self, indices: list[int], budget: int) -> list[Example]:
         """The leading examples of ``indices`` whose summed token counts stay within ``budget``."""
-        kept, used = [], 0
-        for i in indices:
-            cost = self.example_tokens(i)
-            if used + cost > budget:
-                break
-            kept.append(self.task.train[i])
-            used += cost
-        return kept
+        return [self.task.train[i] for i in take_fitting(indices, self.example_tokens, budget)]
 
     def fit(self, indices: list[int]) -> Sequence:
         """As many of these train examples as fit the budget, whole; one that alone overflows has its input cut."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -77,6 +78,35 @@ class Task:
     def label_of(self, example: Example) -> str:
         """The class an example belongs to for label-balanced sampling (its whole output)."""
         return example.output
+
+    def order(self, rng: random.Random, balance_labels: bool = False) -> list[int]:
+        """Indices of train examples in the order they are used, for training sequences and evaluation prompts
+        alike; label-balanced = round robin over labels."""
+        indices = list(range(len(self.train)))
+        rng.shuffle(indices)
+        if not (balance_labels and self.family in LABEL_FAMILIES):
+            return indices
+        by_label: dict[str, list[int]] = {}
+        for i in indices:
+            by_label.setdefault(self.label_of(self.train[i]), []).append(i)
+        groups = list(by_label.values())
+        rng.shuffle(groups)
+        out = []
+        for k in range(max(len(g) for g in groups)):
+            out += [g[k] for g in groups if k < len(g)]
+        return out
+
+
+def take_fitting(indices: Iterable[int], cost: Callable[[int], int], budget: int) -> list[int]:
+    """The leading ``indices`` whose summed costs stay within ``budget`` (whole examples, in order)."""
+    kept, used = [], 0
+    for i in indices:
+        c = cost(i)
+        if used + c > budget:
+            break
+        kept.append(i)
+        used += c
+    return kept
 
 
 def derive_labels(examples: Iterable[Example], family: str) -> tuple[str, ...]:

@@ -1,0 +1,184 @@
+"""Cells -> results.json: plan every (task, shots, seed) cell, skip the finished ones, run the rest.
+
+``results.json`` is rewritten atomically after every cell, so an interrupted run loses nothing and a rerun
+does only what is missing. Under ``accelerate launch`` (or torchrun) the cells are dealt round robin to the
+ranks; each rank keeps its finished records in ``results.rank<k>.json`` and rank 0 merges them into
+``results.json`` in plan order, so the file holds the same records as a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from manyicl.errors import ManyICLError
+from manyicl.evaluation.backend_hf import hf_backend
+from manyicl.evaluation.cells import evaluate_cell
+from manyicl.evaluation.prompting import Prompter, check_shots
+from manyicl.files import write_atomic
+from manyicl.formatter import Formatter
+from manyicl.tasks import RANKED_FAMILIES, Example, Task
+
+
+@dataclass
+class Cell:
+    task: Task
+    role: str  # "held_out" or "forgetting"
+    queries: list[Example]
+    shots: int | str  # as requested
+    seed: int
+
+
+def cell_key(method: str, model: str, adapter: str | None, task: str, shots: Any, seed: int) -> tuple:
+    """The one identity of a cell, for planning and for records read back from results.json."""
+    return (method, model, adapter, task, str(shots), seed)
+
+
+def record_key(r: dict) -> tuple:
+    return cell_key(r["method"], r["model"], r.get("adapter"), r["task"], r["shots_requested"], r["seed"])
+
+
+def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...]) -> None:
+    """Before any work: every gold of a ranked task must be a candidate, or accuracy is silently capped."""
+    if task.family not in RANKED_FAMILIES:
+        return
+    for q in queries:
+        if q.output not in labels:
+            where = q.source or task.name
+            raise ManyICLError(f"{where}: gold label {q.output!r} is not in the label set {list(labels)}; add it to task.yaml labels")
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ManyICLError(f"{path}: not valid JSON; move it away to start the evaluation again") from None
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size); joins the process group that ``accelerate launch``/torchrun describe, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _partials(out: Path) -> list[Path]:
+    return sorted(out.glob("results.rank*.json"))
+
+
+def run_evaluation(
+    config: Any,
+    tasks: list[tuple[Task, str]],
+    method: str = "base",
+    adapter: str | None = None,
+    output_dir: str | Path | None = None,
+    loaded: tuple[Any, Any] | None = None,
+    shots: list[Any] | None = None,
+) -> list[dict]:
+    """Evaluate every (task, shots, seed) cell not already in ``<output_dir>/results.json``.
+
+    ``tasks`` pairs each task with its role ("held_out" or "forgetting").
+    """
+    from tqdm.auto import tqdm
+
+    from manyicl.models import load_model, load_tokenizer
+
+    ev = config.evaluation
+    out = Path(output_dir or config.output_dir)
+    results_path = out / "results.json"
+    max_tokens = ev.max_tokens or config.training.max_tokens
+    model_name = config.model.name
+    rank, world = _ranks()
+
+    # plan and validate everything before any model work or any write
+    plan: list[Cell] = []
+    for task, role in tasks:
+        queries = task.test[: ev.max_queries] if ev.max_queries else task.test
+        if not queries:
+            raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
+        check_golds(task, queries, tuple(task.labels or ()))
+        for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
+            check_shots(task, k)
+            plan += [Cell(task, role, queries, k, seed) for seed in ev.seeds]
+    keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
+    results = load_results(results_path)
+    if world == 1 and _partials(out):  # records of an interrupted multi-rank run
+        results = _fold_partials(out, results_path, results, keys)
+    done = {record_key(r) for r in results} | {record_key(r) for p in _partials(out) for r in load_results(p)}
+    todo = [c for c, key in zip(plan, keys) if key not in done]
+    mine = todo[rank::world]
+
+    if mine:
+        model, tokenizer = loaded or (None, None)
+        if model is None:
+            tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
+            model = load_model(model_name, config.model.trust_remote_code, adapter=adapter)
+        model.eval()
+        if torch.cuda.is_available():  # one GPU per rank under accelerate launch
+            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and max_tokens > context:
+            raise ManyICLError(f"evaluation.max_tokens={max_tokens} exceeds the model's context length ({context}); lower it")
+        backend = hf_backend(model, tokenizer, max_tokens, ev.prefix_cache, ev.batch_tokens)
+        # one process writes results.json as it goes; several ranks each keep their own partial file
+        own_path = results_path if world == 1 else out / f"results.rank{rank}.json"
+        own = results if world == 1 else load_results(own_path)
+        for cell in tqdm(mine, desc=f"eval {method}", unit="cell", dynamic_ncols=True, disable=rank != 0):
+            own.append(_run_cell(config, cell, backend, tokenizer, max_tokens, method, adapter, out))
+            write_atomic(own_path, json.dumps(own, indent=1, ensure_ascii=False))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _fold_partials(out, results_path, results, keys)
+        dist.barrier()
+        results = load_results(results_path)
+    return results
+
+
+def _fold_partials(out: Path, results_path: Path, results: list[dict], keys: list[tuple]) -> list[dict]:
+    """Append the ranks' records to results.json in plan order (as one process would have), then drop them."""
+    new = {record_key(r): r for p in _partials(out) for r in load_results(p)}
+    have, planned = {record_key(r) for r in results}, set(keys)
+    results = results + [new[k] for k in keys if k in new and k not in have]
+    results += [r for k, r in new.items() if k not in have and k not in planned]  # cells of another plan: kept
+    write_atomic(results_path, json.dumps(results, indent=1, ensure_ascii=False))
+    for p in _partials(out):
+        p.unlink()
+    return results
+
+
+def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
+              adapter: str | None, out: Path) -> dict:
+    ev, task = config.evaluation, cell.task
+    formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
+    prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family))
+    demos = prompter.choose_demonstrations(cell.shots, cell.seed, ev.balance_labels, cell.queries)
+    output = evaluate_cell(backend, prompter, demos, cell.queries, ev.length_normalize)
+    stem = f"{method}/{task.name}_shots{cell.shots}_seed{cell.seed}"
+    write_atomic(out / "predictions" / f"{stem}.jsonl", "".join(
+        json.dumps({"input": p.input, "prediction": p.prediction, "golds": list(p.golds), "skipped": p.skipped,
+                    **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
+        for p in output.predictions
+    ))
+    return {
+        "model": config.model.name, "adapter": adapter, "method": method, "role": cell.role, "task": task.name,
+        "family": task.family, "metric": task.metric, "shots": output.shots, "shots_requested": cell.shots,
+        "seed": cell.seed, "value": output.metrics["value"], "metrics": output.metrics,
+        "n": len(cell.queries) - output.skipped, "skipped": output.skipped, "prefix_tokens": output.prefix_tokens,
+        "max_tokens": max_tokens, "prefix_cache": ev.prefix_cache, "backend": type(backend).__name__,
+        "seconds": round(output.seconds, 2),
+    }
