@@ -167,7 +167,8 @@ def main() -> None:
         fast_per_query, slow_per_query = fast.seconds / n_fast, slow.seconds / len(slow.predictions)
         subset = fast.predictions[: len(slow.predictions)]
         same = [a.prediction for a in subset] == [b.prediction for b in slow.predictions]
-        delta = max((abs(a.scores[k] - b.scores[k]) for a, b in zip(subset, slow.predictions) if a.scores for k in a.scores), default=0.0)
+        delta = max((abs(a.scores[s][k] - b.scores[s][k]) for a, b in zip(subset, slow.predictions) if a.scores
+                     for s in a.scores for k in a.scores[s]), default=0.0)
         print(f"{name:<14} {fast.shots:>5} {fast.prefix_tokens:>7} | {fast.seconds:>8.1f}s {fast_per_query:>8.3f} "
               f"{fast.metrics['value']:>6.3f} | {slow.seconds:>8.1f}s {slow_per_query:>8.3f} | "
               f"{slow_per_query / fast_per_query:>7.1f}x | {str(same):>5} | {delta:.1e}", flush=True)

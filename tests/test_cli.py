@@ -1,8 +1,10 @@
 """The command line: the show-sequence acceptance check on real data, and one-line errors with exit status 2."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -55,6 +57,12 @@ def test_show_sequence_errors(tmp_path, setup, args, message):
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "manyicl.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "show-sequence" in out.stdout
+def test_console_script_installed(tmp_path):
+    """The installed ``manyicl`` command itself (what the README tells users to run), not ``python -m``."""
+    script = shutil.which("manyicl") or str(Path(sys.executable).with_name("manyicl"))
+    out = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "show-sequence" in out.stdout and "predict" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluation: {shots: [0\n")
+    out = subprocess.run([script, "eval", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {bad}:") and len(out.stderr.strip().splitlines()) == 1

@@ -57,6 +57,9 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert (out / "report.md").exists() and (out / "plots" / "shot_scaling.png").exists()
     report = (out / "report.md").read_text()
     assert "Gap closed" in report and "Forgetting" in report and "supervised answers seen" in report
+    assert "ManyICL against each method" in report and "95 % interval" in report
+    table = report.split("## Held-out tasks")[1].split("##")[0]
+    assert all("[" in line for line in table.splitlines() if line.startswith("| sym_topic"))  # intervals on every cell
     # every fine-tune had the same budget: same steps and sequences
     budgets = {m: json.loads((out / "train" / m / "train_summary.json").read_text())["steps"]
                for m in ("zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl")}

@@ -74,3 +74,37 @@ def test_missing_train_and_unknown_family(tmp_path):
     d = write_task(tmp_path / "t", GOOD, meta="family: poetry\n")
     with pytest.raises(ManyICLError, match="unknown family 'poetry'"):
         load_task_dir(d)
+
+
+def test_task_yaml_not_valid_yaml_is_one_line(tmp_path):
+    d = write_task(tmp_path / "t", GOOD, meta="family: classification\nlabels: [a, b\nmetric: accuracy\n")
+    with pytest.raises(ManyICLError) as e:
+        load_task_dir(d)
+    message = str(e.value)
+    assert message.startswith(f"{d / 'task.yaml'}:3:") and "not valid YAML" in message and "\n" not in message
+
+
+def test_choices_are_read_and_checked(data_dir, tmp_path):
+    arc = load_task_dir(data_dir / "arc_challenge")
+    assert all(len(ex.choices) >= 2 for ex in arc.train + arc.test)
+    d = write_task(tmp_path / "mc", [{"input": "q", "output": "A", "choices": ["x", 3]}], meta="family: multiple_choice\n")
+    with pytest.raises(ManyICLError, match=r"train.jsonl:1: field 'choices' must be a list of strings"):
+        load_task_dir(d)
+
+
+def test_label_balanced_order_in_shuffled_rounds(data_dir):
+    import random
+    from collections import Counter
+
+    task = load_task_dir(data_dir / "agnews")
+    labels = set(task.labels)
+    lasts = Counter()
+    for seed in range(40):
+        order = [task.train[i].output for i in task.order(random.Random(seed), balance_labels=True)]
+        for k in range(0, 40, len(labels)):  # every round holds each label once: any prefix is balanced
+            assert set(order[k : k + len(labels)]) == labels
+        lasts[order[len(labels) - 1]] += 1
+        assert len(set(order[:8])) == len(labels)
+    assert len(lasts) == len(labels)  # the label that closes a round varies: no fixed label block at the end
+    plain = [task.train[i].output for i in task.order(random.Random(0), balance_labels=False)][:40]
+    assert any(set(plain[k : k + 4]) != labels for k in range(0, 40, 4))  # the switch turns it off

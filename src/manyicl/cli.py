@@ -124,7 +124,7 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
     tasks += [(t, "forgetting") for t in load_tasks(cfg, cfg.tasks.forgetting)]
     results = run_evaluation(cfg, tasks, method or ("finetuned" if adapter else "base"), adapter)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank returns the merged results
-        click.echo(summary_table(results))
+        click.echo(summary_table(results, cfg.output_dir))
         click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")
 
 
@@ -139,13 +139,20 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
 @click.option("--labels", default=None, help="Comma-separated label set (default: the demonstrations' outputs).")
 @click.option("--max-tokens", default=2048, show_default=True, type=int, help="Context budget.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--scoring", type=click.Choice(["sum", "mean", "per_char", "calibrated"]), default=None,
+              help="How label candidates are ranked (default: evaluation.scoring's default).")
+@click.option("--balance-labels/--no-balance-labels", default=True, show_default=True,
+              help="Label-set families: demonstrations in rounds of one example per label.")
 @_friendly
-def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed) -> None:
+def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed, scoring, balance_labels) -> None:
     """Solve a new task by many-shot prompting: demonstrations from one file, answers for another."""
-    from manyicl.predict import predict_file
+    from manyicl.predict import DEFAULTS, predict_file
 
-    n = predict_file(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed)
+    n, summary = predict_file(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed,
+                              scoring or DEFAULTS.scoring, balance_labels)
     click.echo(f"wrote {n} predictions to {output}")
+    if summary:
+        click.echo(summary)
 
 
 @main.command("compare")

@@ -40,7 +40,7 @@ METHODS = ("base", *OBJECTIVE_OF, "task_level")
 
 # Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not.
 RESULT_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
-               "tasks.synthetic_seed", "evaluation.max_queries", "evaluation.max_tokens", "evaluation.length_normalize",
+               "tasks.synthetic_seed", "evaluation.max_queries", "evaluation.max_tokens", "evaluation.scoring", "evaluation.multiple_choice",
                "evaluation.balance_labels", "evaluation.max_new_tokens", "compare.task_level_steps")
 # (compare.task_level_shots may change: added shot counts are evaluated, finished ones kept)
 
@@ -130,5 +130,5 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     from manyicl.report import write_report
 
     report = write_report(out)
-    click.echo(summary_table(json.loads((out / "results.json").read_text())))
+    click.echo(summary_table(json.loads((out / "results.json").read_text()), out))
     return report

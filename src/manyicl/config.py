@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from manyicl.errors import ManyICLError
 from manyicl.sequences import OBJECTIVES
-from manyicl.tasks import FAMILIES, METRICS
+from manyicl.families import FAMILIES
+from manyicl.metrics import METRICS
+from manyicl.tasks import yaml_error
 
 Objective = Literal["zero_shot", "few_shot", "many_shot_last", "many_shot_all"]
 assert set(Objective.__args__) == set(OBJECTIVES)  # type: ignore[attr-defined]
@@ -98,7 +100,7 @@ class TrainingConfig(Strict):
     objective: Objective = "many_shot_all"
     max_tokens: int = Field(1024, gt=0)  # token budget per sequence
     n_shots: int = Field(5, ge=0)  # few_shot demonstrations
-    balance_labels: bool = False
+    balance_labels: bool = True  # label-set families: demonstrations in rounds of one example per label
     pack: bool = False  # zero_shot / few_shot: pack isolated units up to max_tokens (same tokens per step as many-shot)
     loss_normalization: Literal["token", "target"] = "token"
     finetune: Literal["lora", "full"] = "lora"
@@ -127,16 +129,18 @@ class TrainingConfig(Strict):
 class EvaluationConfig(Strict):
     shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0, 4, 16, "max"])
     forgetting_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [5])  # for tasks.forgetting
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    max_queries: int | None = Field(100, gt=0)  # test queries per cell (None: all)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # demonstration draws per (task, shots)
+    max_queries: int | None = Field(200, gt=0)  # test queries per cell (None: all); a 0/1 metric's interval is ±0.07 at 200
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
-    balance_labels: bool = False
-    length_normalize: bool = False  # rank label candidates by mean instead of summed log-prob
+    balance_labels: bool = True  # label-set families: demonstrations in rounds of one example per label
+    # how label candidates are ranked (all four are kept per query; see evaluation/cells.py and docs/EVALUATION.md)
+    scoring: Literal["sum", "mean", "per_char", "calibrated"] = "sum"
+    multiple_choice: Literal["cloze", "letter"] = "cloze"  # score the option texts (when records carry choices) or letters
     prefix_cache: bool = True
     # tokens per forward after the shared prefix: queries (with their candidates' trie, or their generation room)
     # are grouped up to this many; the naive path puts this many tokens of candidates in one forward
     batch_tokens: int = Field(2048, gt=0)
-    max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in evaluation/prompting.py
+    max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in families.py
 
 
 class CompareConfig(Strict):
@@ -203,7 +207,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ManyICLError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ManyICLError(yaml_error(path, e)) from None
         if not isinstance(data, dict):
             raise ManyICLError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from manyicl.config import EvaluationConfig
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import Prompter, evaluate_cell, hf_backend
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
-from manyicl.tasks import FAMILIES, RANKED_FAMILIES, Task, read_examples
+from manyicl.families import FAMILIES
+from manyicl.tasks import Task, read_examples
+
+DEFAULTS = EvaluationConfig()  # predict uses evaluation's defaults
 
 
 def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_path: str, shots: str, output: str,
-                 family: str, labels: str | None, max_tokens: int, seed: int) -> int:
+                 family: str, labels: str | None, max_tokens: int, seed: int, scoring: str = DEFAULTS.scoring,
+                 balance_labels: bool = DEFAULTS.balance_labels) -> tuple[int, str | None]:
+    """Writes one prediction per input; returns how many, and the metric with its interval when every input has
+    an output."""
     if family not in FAMILIES:
         raise ManyICLError(f"--family: unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if shots != "max" and not shots.isdigit():
@@ -27,15 +34,15 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         raise ManyICLError(f"{inputs_path}: no inputs")
     label_set = [l.strip() for l in labels.split(",") if l.strip()] if labels else None
     task = Task("predict", family, demos, queries, labels=label_set, source=demos_path)
-    if family in RANKED_FAMILIES:
+    if FAMILIES[family].ranked:
         unknown = sorted({d.output for d in demos} - set(task.labels))
         if unknown:
             raise ManyICLError(f"{demos_path}: demonstration answer {unknown[0]!r} is not in --labels {list(task.labels)}")
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, adapter=adapter).eval()
     prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
-    chosen = prompter.choose_demonstrations(shots if shots == "max" else int(shots), seed, False, queries)
-    result = evaluate_cell(hf_backend(model, tokenizer, max_tokens), prompter, chosen, queries)
+    chosen = prompter.choose_demonstrations(shots if shots == "max" else int(shots), seed, balance_labels, queries)
+    result = evaluate_cell(hf_backend(model, tokenizer, max_tokens), prompter, chosen, queries, scoring)
     lines = []
     for q, p in zip(queries, result.predictions):
         line = {"input": q.input, "prediction": None if p.skipped else p.prediction}
@@ -45,4 +52,10 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
             line["skipped"] = "the input alone overflows --max-tokens"
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     write_atomic(Path(output), "".join(lines))
-    return len(lines)
+    summary = None
+    if all(q.output for q in queries):
+        summary = (f"{task.metric} {result.metrics['value']:.3f} [95% CI {result.ci_low:.3f}, {result.ci_high:.3f}] on "
+                   f"{len(queries)} inputs ({result.skipped} too long, scored wrong), {result.shots} demonstrations")
+        if result.prediction_counts:
+            summary += f"; predictions {result.prediction_counts}" + (" — ONE LABEL TAKES >= 90 %" if result.collapsed else "")
+    return len(lines), summary

@@ -81,12 +81,12 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
 
 
 def tokenize_spans(
-    tokenizer: Any, text: str, char_spans: Seq[tuple[int, int]], lead: Seq[int] = ()
+    tokenizer: Any, text: str, char_spans: Seq[tuple[int, int]], lead: Seq[int] = (), strict: bool = True
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Tokenize ``text`` once (after the ``lead`` special tokens) and map character spans to token spans.
 
-    Raises if a token straddles a span boundary: then the target could not be supervised without also
-    supervising prompt text, and the template must change.
+    Raises if a token straddles a span boundary (``strict``): then the target could not be supervised without
+    also supervising prompt text, and the template must change. Not strict: such a token belongs to the span.
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -98,7 +98,7 @@ def tokenize_spans(
         last = bisect.bisect_left(starts, e)  # one past the last token starting before e
         if first >= last:
             raise ManyICLError(f"answer at characters {s}-{e} has no tokens; check the template")
-        if starts[first] < s or ends[last - 1] > e:
+        if strict and (starts[first] < s or ends[last - 1] > e):
             raise ManyICLError(
                 f"tokenizer merges across an answer boundary at characters {s}-{e} "
                 f"({text[max(0, s - 10):s]!r}|{text[s:s + 10]!r}); change template.output_prefix/answer_prefix/delimiter"

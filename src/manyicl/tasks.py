@@ -18,24 +18,8 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from manyicl.errors import ManyICLError
-
-FAMILIES = ("classification", "multilabel", "nli", "qa", "summarization", "math", "multiple_choice", "generation")
-# Families whose answers come from a fixed label set: evaluation ranks the candidates instead of generating.
-LABEL_FAMILIES = frozenset({"classification", "nli", "multiple_choice", "multilabel"})
-RANKED_FAMILIES = frozenset({"classification", "nli", "multiple_choice"})
-METRICS = ("accuracy", "macro_f1", "multilabel_f1", "exact_match", "rouge_l", "numeric_match")
-DEFAULT_METRIC = {
-    "classification": "accuracy",
-    "multilabel": "multilabel_f1",
-    "nli": "accuracy",
-    "qa": "exact_match",
-    "summarization": "rouge_l",
-    "math": "numeric_match",
-    "multiple_choice": "accuracy",
-    "generation": "exact_match",
-}
-MULTILABEL_SEPARATOR = ", "
-
+from manyicl.families import FAMILIES, MULTILABEL_SEPARATOR
+from manyicl.metrics import METRICS
 
 @dataclass(frozen=True)
 class Example:
@@ -43,6 +27,7 @@ class Example:
     output: str
     answers: tuple[str, ...] = ()  # all gold answers when there are several (QA, multi-reference summaries)
     source: str = ""  # "file:line", for error messages
+    choices: tuple[str, ...] = ()  # multiple choice: the option texts in letter order (output is the letter)
 
     @property
     def golds(self) -> tuple[str, ...]:
@@ -65,12 +50,12 @@ class Task:
         where = self.source or self.name
         if self.family not in FAMILIES:
             raise ManyICLError(f"{where}: family: unknown family {self.family!r}; use one of {', '.join(FAMILIES)}")
-        self.metric = self.metric or DEFAULT_METRIC[self.family]
+        self.metric = self.metric or FAMILIES[self.family].metric
         if self.metric not in METRICS:
             raise ManyICLError(f"{where}: metric: unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
         if not self.train and not self.test:
             raise ManyICLError(f"{where}: the task has no examples; add lines to train.jsonl / test.jsonl")
-        if self.family in LABEL_FAMILIES:
+        if FAMILIES[self.family].label_set:
             if self.labels is None:
                 self.labels = derive_labels(self.train or self.test, self.family)
             self.labels = tuple(self.labels)
@@ -81,19 +66,20 @@ class Task:
 
     def order(self, rng: random.Random, balance_labels: bool = False) -> list[int]:
         """Indices of train examples in the order they are used, for training sequences and evaluation prompts
-        alike; label-balanced = round robin over labels."""
+        alike. Label-balanced: rounds of one example per label, each round in its own random order, so any
+        leading run is balanced (to one example per label) and no label block sits at the end of a context."""
         indices = list(range(len(self.train)))
         rng.shuffle(indices)
-        if not (balance_labels and self.family in LABEL_FAMILIES):
+        if not (balance_labels and FAMILIES[self.family].label_set):
             return indices
         by_label: dict[str, list[int]] = {}
         for i in indices:
             by_label.setdefault(self.label_of(self.train[i]), []).append(i)
-        groups = list(by_label.values())
-        rng.shuffle(groups)
         out = []
-        for k in range(max(len(g) for g in groups)):
-            out += [g[k] for g in groups if k < len(g)]
+        for k in range(max(len(g) for g in by_label.values())):
+            round_ = [g[k] for g in by_label.values() if k < len(g)]
+            rng.shuffle(round_)
+            out += round_
         return out
 
 
@@ -150,7 +136,11 @@ def _record_to_example(
     answers = record.get(answers_field) or ()
     if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
         raise ManyICLError(f"{where}: field {answers_field!r} must be a list of strings")
-    return Example(values[input_field], values[output_field], tuple(a.strip() for a in answers), where)
+    choices = record.get("choices") or ()
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise ManyICLError(f"{where}: field 'choices' must be a list of strings (the option texts in letter order)")
+    return Example(values[input_field], values[output_field], tuple(a.strip() for a in answers), where,
+                   tuple(c.strip() for c in choices))
 
 
 def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers", require_output=True) -> list[Example]:
@@ -195,13 +185,21 @@ def read_examples(
     raise ManyICLError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
 
 
+def yaml_error(path: Path, error: Exception) -> str:
+    """One line: file:line:column and the parser's own words (its message otherwise spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}: not valid YAML ({problem}); fix the file"
+
+
 def _read_task_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
         meta = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
-        raise ManyICLError(f"{path}: not valid YAML ({e})") from None
+        raise ManyICLError(yaml_error(path, e)) from None
     if not isinstance(meta, dict):
         raise ManyICLError(f"{path}: expected a mapping of keys (family, metric, labels, template)")
     known = {"family", "metric", "language", "labels", "template", "instruction"}

@@ -22,6 +22,8 @@ import torch
 from manyicl.evaluation.backend import Stop
 from manyicl.evaluation.kv_store import InPlaceKV, gqa_attention
 
+MIN_GROUP_TOKENS = 512
+
 
 def exact_reuse_problem(model: Any, max_tokens: int) -> str | None:
     """Why a shared prefix with a block mask would not reproduce the plain forward for this model, if it would not."""
@@ -130,6 +132,12 @@ class SharedPrefixBackend:
             self._prefix = tuple(prefix)
         return self._store
 
+    def group_budget(self, prefix_length: int) -> int:
+        """Tokens per group forward. Each group token attends over prefix + group under a block mask, so the masked
+        part (other queries of the group) is wasted work: for a short prefix, small groups; for a long one, the
+        weights' reuse across many tokens pays more."""
+        return min(self.batch_tokens, max(MIN_GROUP_TOKENS, prefix_length))
+
     def _forward(self, store: InPlaceKV, layout: _Layout, keep: list[int]) -> torch.Tensor:
         """Run the layout's new tokens; log-probabilities at the slots in ``keep`` (in that order)."""
         first = layout.first_new
@@ -146,7 +154,7 @@ class SharedPrefixBackend:
         with gqa_attention(self.model):
             store = self._store_with(prefix)
             sizes = [len(q) + _trie_size(c) for q, c in zip(queries, candidates)]
-            for group in _groups(sizes, self.batch_tokens):
+            for group in _groups(sizes, self.group_budget(len(prefix))):
                 layout = _Layout(len(prefix), sum(sizes[i] for i in group))
                 store.reserve(len(prefix) + sum(sizes[i] for i in group))
                 predictors = {i: _add_query(layout, queries[i], candidates[i]) for i in group}
@@ -167,7 +175,7 @@ class SharedPrefixBackend:
         with gqa_attention(self.model):
             store = self._store_with(prefix)
             sizes = [len(q) + stop.max_new_tokens for q in queries]
-            for group in _groups(sizes, self.batch_tokens):
+            for group in _groups(sizes, self.group_budget(len(prefix))):
                 capacity = sum(sizes[i] for i in group)
                 layout = _Layout(len(prefix), capacity)
                 store.reserve(len(prefix) + capacity)

@@ -14,17 +14,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from manyicl.errors import ManyICLError
+from manyicl.families import FAMILIES
 from manyicl.formatter import Formatter
 from manyicl.sequences import leading_special_ids, tokenize_spans
-from manyicl.tasks import RANKED_FAMILIES, Example, Task, take_fitting
+from manyicl.tasks import Example, Task, take_fitting
 
-MAX_NEW_TOKENS = {"qa": 32, "math": 16, "summarization": 96, "generation": 64, "multilabel": 32}
+CONTENT_FREE_INPUTS = ("N/A", "")  # contextual calibration (Zhao et al. 2021)
 
 
 @dataclass
 class EncodedQuery:
     ids: list[int]
-    candidates: list[list[int]]  # ranked families: each label's answer tokens (answer + delimiter), in context
+    # ranked families: each candidate's answer tokens (answer + delimiter) in context, how many of them are the
+    # answer itself (the score; the delimiter is not part of it), and the answer's length in characters
+    candidates: list[list[int]]
+    answer_tokens: list[int]
+    answer_chars: list[int]
 
 
 def check_shots(task: Task, shots: int | str) -> None:
@@ -32,22 +37,54 @@ def check_shots(task: Task, shots: int | str) -> None:
         raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split ({len(task.train)} examples); lower it")
 
 
+def answer_form(task: Task, multiple_choice: str = "cloze") -> str:
+    """How a multiple-choice task is answered: "cloze" (the option text, as lm-evaluation-harness does for ARC and
+    OpenBookQA) when every example carries its ``choices`` and the config asks for it; "letter" otherwise."""
+    if task.family != "multiple_choice":
+        return "label" if FAMILIES[task.family].ranked else "generated"
+    with_choices = all(ex.choices for ex in task.train + task.test)
+    return "cloze" if multiple_choice == "cloze" and with_choices else "letter"
+
+
 class Prompter:
     """The prompts of one task under one context budget."""
 
-    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int, max_new_tokens: int | None = None):
+    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int, max_new_tokens: int | None = None,
+                 multiple_choice: str = "cloze"):
         self.task, self.tokenizer, self.formatter, self.max_tokens = task, tokenizer, formatter, max_tokens
-        self.ranked = task.family in RANKED_FAMILIES
+        self.family = FAMILIES[task.family]
+        self.ranked = self.family.ranked
         self.labels = tuple(task.labels or ())
-        self.max_new_tokens = max_new_tokens or MAX_NEW_TOKENS.get(task.family, 64)
+        self.max_new_tokens = max_new_tokens or self.family.max_new_tokens or 64
+        self.answer_form = answer_form(task, multiple_choice)
         self.lead = leading_special_ids(tokenizer)
         self._costs: dict[int, int] = {}
+
+    # ---- answers
+    def shown(self, example: Example) -> Example:
+        """The example as the prompt shows it: in cloze form, the answer is the chosen option's text."""
+        if self.answer_form != "cloze":
+            return example
+        return Example(example.input, self.choice_text(example, example.output), example.answers, example.source, example.choices)
+
+    @staticmethod
+    def choice_text(example: Example, letter: str) -> str:
+        index = ord(letter) - ord("A")
+        if len(letter) != 1 or not 0 <= index < len(example.choices):
+            raise ManyICLError(f"{example.source}: answer {letter!r} is not a letter of its {len(example.choices)} choices")
+        return example.choices[index]
+
+    def candidates(self, example: Example) -> tuple[list[str], list[str]]:
+        """(names, texts): what a prediction is called (label or letter) and the text scored for it."""
+        if self.answer_form == "cloze":
+            return [chr(ord("A") + i) for i in range(len(example.choices))], list(example.choices)
+        return list(self.labels), list(self.labels)
 
     # ---- demonstrations
     def example_tokens(self, index: int) -> int:
         """Token count of one train example (prompt + answer) on its own; a close estimate of its cost in context."""
         if index not in self._costs:
-            ex = self.task.train[index]
+            ex = self.shown(self.task.train[index])
             text = self.formatter.prompt(ex.input) + self.formatter.answer(ex.output)
             self._costs[index] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._costs[index]
@@ -59,7 +96,7 @@ class Prompter:
         wanted = order if shots == "max" else order[:shots]
         reserve = 0
         for q in queries:
-            need = self.query_budget(self.encode_query("", q.input))
+            need = self.query_budget(self.encode_query("", q))
             if need + len(self.lead) <= self.max_tokens:
                 reserve = max(reserve, need)
         header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
@@ -75,7 +112,8 @@ class Prompter:
     # ---- token ids
     def prefix_ids(self, demos: list[Example]) -> list[int]:
         """Lead special tokens + header + demonstrations: what every query of the cell shares."""
-        rendered = self.formatter.render(demos)  # ends with the continuation: the last delimiter tokenizes as in training
+        rendered = self.formatter.render([self.shown(d) for d in demos])  # ends with the continuation: the last
+        # delimiter tokenizes as in training
         prefix_len = len(rendered.text) - len(self.formatter.continuation)
         if prefix_len == 0:
             return list(self.lead)
@@ -84,26 +122,32 @@ class Prompter:
 
     def context(self, demos: list[Example]) -> str:
         """The text that decides how a query tokenizes: the last demonstration (or the header)."""
-        rendered = self.formatter.render(demos)
+        rendered = self.formatter.render([self.shown(d) for d in demos])
         prefix_text = rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
         return prefix_text[rendered.example_spans[-1][0] :] if demos else prefix_text
 
-    def encode_query(self, context: str, query: str) -> EncodedQuery:
+    def encode_query(self, context: str, query: Example) -> EncodedQuery:
         """Token ids of the query prompt and of each candidate answer as they appear after ``context``."""
-        prompt = self.formatter.prompt(query)
-        answers = [self.formatter.answer(c) for c in self.labels] if self.ranked else [""]
-        query_ids, candidates = None, []
-        for a in answers:
-            start = len(context)
-            spans = [(start, start + len(prompt))] + ([(start + len(prompt), start + len(prompt) + len(a))] if a else [])
+        prompt = self.formatter.prompt(query.input)
+        texts = self.candidates(query)[1] if self.ranked else [""]
+        query_ids, candidates, answer_tokens, answer_chars = None, [], [], []
+        for text in texts:
+            a = self.formatter.answer(text) if self.ranked else ""
+            start, end = len(context), len(context) + len(prompt)
+            spans = [(start, end)] + ([(end, end + len(a))] if a else [])
             ids, tspans = tokenize_spans(self.tokenizer, context + prompt + a + self.formatter.continuation, spans)
             q = ids[tspans[0][0] : tspans[0][1]]
             if query_ids is not None and q != query_ids:
                 raise ManyICLError(f"task {self.task.name}: the query tokenizes differently before different answers; change the template")
             query_ids = q
-            if len(tspans) > 1:
+            if a:
                 candidates.append(ids[tspans[1][0] : tspans[1][1]])
-        return EncodedQuery(query_ids, candidates)
+                answer_end = end + a.index(text) + len(text)  # the answer's own characters, not the delimiter
+                _, [(first, last)] = tokenize_spans(self.tokenizer, context + prompt + a + self.formatter.continuation,
+                                                    [(end, answer_end)], strict=False)
+                answer_tokens.append(last - first)
+                answer_chars.append(len(text))
+        return EncodedQuery(query_ids, candidates, answer_tokens, answer_chars)
 
     def query_budget(self, query: EncodedQuery) -> int:
         """Tokens one query needs after the prefix: its prompt and its longest possible answer."""
@@ -112,9 +156,9 @@ class Prompter:
 
     def check_in_context(self, demos: list[Example], prefix: list[int], query: Example, encoded: EncodedQuery) -> None:
         """Once per cell: the pieces must equal tokenizing the whole prompt at once."""
-        rendered = self.formatter.render(demos)
+        rendered = self.formatter.render([self.shown(d) for d in demos])
         prefix_text = rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
-        answer = self.formatter.answer(self.labels[0]) if self.ranked and self.labels else ""
+        answer = self.formatter.answer(self.candidates(query)[1][0]) if self.ranked else ""
         full = self.tokenizer(prefix_text + self.formatter.prompt(query.input) + answer + self.formatter.continuation,
                               add_special_tokens=False)["input_ids"]
         pieces = prefix[len(self.lead) :] + encoded.ids + (encoded.candidates[0] if answer else [])

@@ -19,10 +19,12 @@ import torch
 from manyicl.errors import ManyICLError
 from manyicl.evaluation.backend_hf import hf_backend
 from manyicl.evaluation.cells import evaluate_cell
-from manyicl.evaluation.prompting import Prompter, check_shots
+from manyicl.evaluation.prompting import Prompter, answer_form, check_shots
+from manyicl.families import FAMILIES
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
-from manyicl.tasks import RANKED_FAMILIES, Example, Task
+from manyicl.metrics import rouge_setup
+from manyicl.tasks import Example, Task
 
 
 @dataclass
@@ -43,9 +45,13 @@ def record_key(r: dict) -> tuple:
     return cell_key(r["method"], r["model"], r.get("adapter"), r["task"], r["shots_requested"], r["seed"])
 
 
-def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...]) -> None:
+def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], multiple_choice: str = "cloze") -> None:
     """Before any work: every gold of a ranked task must be a candidate, or accuracy is silently capped."""
-    if task.family not in RANKED_FAMILIES:
+    if not FAMILIES[task.family].ranked:
+        return
+    if answer_form(task, multiple_choice) == "cloze":
+        for q in queries:
+            Prompter.choice_text(q, q.output)  # the gold letter names one of the query's choices
         return
     for q in queries:
         if q.output not in labels:
@@ -108,7 +114,7 @@ def run_evaluation(
         queries = task.test[: ev.max_queries] if ev.max_queries else task.test
         if not queries:
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
-        check_golds(task, queries, tuple(task.labels or ()))
+        check_golds(task, queries, tuple(task.labels or ()), ev.multiple_choice)
         for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
             check_shots(task, k)
             plan += [Cell(task, role, queries, k, seed) for seed in ev.seeds]
@@ -165,20 +171,29 @@ def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens:
               adapter: str | None, out: Path) -> dict:
     ev, task = config.evaluation, cell.task
     formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
-    prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family))
+    prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family), ev.multiple_choice)
     demos = prompter.choose_demonstrations(cell.shots, cell.seed, ev.balance_labels, cell.queries)
-    output = evaluate_cell(backend, prompter, demos, cell.queries, ev.length_normalize)
-    stem = f"{method}/{task.name}_shots{cell.shots}_seed{cell.seed}"
-    write_atomic(out / "predictions" / f"{stem}.jsonl", "".join(
+    output = evaluate_cell(backend, prompter, demos, cell.queries, ev.scoring)
+    predictions = Path("predictions") / method / f"{task.name}_shots{cell.shots}_seed{cell.seed}.jsonl"
+    write_atomic(out / predictions, "".join(
         json.dumps({"input": p.input, "prediction": p.prediction, "golds": list(p.golds), "skipped": p.skipped,
-                    **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
-        for p in output.predictions
+                    "metric_row": row, **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
+        for p, row in zip(output.predictions, output.rows)
     ))
-    return {
+    record = {
         "model": config.model.name, "adapter": adapter, "method": method, "role": cell.role, "task": task.name,
         "family": task.family, "metric": task.metric, "shots": output.shots, "shots_requested": cell.shots,
-        "seed": cell.seed, "value": output.metrics["value"], "metrics": output.metrics,
-        "n": len(cell.queries) - output.skipped, "skipped": output.skipped, "prefix_tokens": output.prefix_tokens,
-        "max_tokens": max_tokens, "prefix_cache": ev.prefix_cache, "backend": type(backend).__name__,
-        "seconds": round(output.seconds, 2),
+        "seed": cell.seed, "value": output.metrics["value"], "ci_low": output.ci_low, "ci_high": output.ci_high,
+        "metrics": output.metrics, "n": len(cell.queries), "skipped": output.skipped,
+        "prefix_tokens": output.prefix_tokens, "max_tokens": max_tokens, "answer_form": output.answer_form,
     }
+    if prompter.ranked:
+        record["scoring"] = ev.scoring
+    if task.metric == "rouge_l":
+        record["metric_setup"] = rouge_setup(task.language)
+    if prompter.family.label_set:
+        record.update(demo_labels=output.demo_labels, prediction_counts=output.prediction_counts,
+                      gold_counts=output.gold_counts, collapsed=output.collapsed)
+    record.update(predictions=predictions.as_posix(), prefix_cache=ev.prefix_cache, backend=type(backend).__name__,
+                  seconds=round(output.seconds, 2))
+    return record

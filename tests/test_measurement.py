@@ -1,0 +1,158 @@
+"""Measurement: label-only and calibrated scoring, collapsed cells, intervals that cover, paired tests that
+detect a planted difference and not a null one, and records/reports that carry all of it."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model, write_task
+from manyicl.evaluation import NaiveBackend, Prompter, SharedPrefixBackend, evaluate_cell
+from manyicl.evaluation.cells import is_collapsed
+from manyicl.evaluation.prompting import CONTENT_FREE_INPUTS
+from manyicl.formatter import Formatter
+from manyicl.tasks import Example, load_task_dir
+from manyicl.uncertainty import average_interval, cell_interval, paired_difference
+
+ACCURACY = lambda means: means[..., 0]  # noqa: E731
+
+
+def test_constant_predictor_is_flagged():
+    assert is_collapsed({"world": 200}, {"world": 50, "sports": 50, "business": 50, "science": 50})
+    assert is_collapsed({"a": 181, "b": 19}, {"a": 100, "b": 100})
+    assert not is_collapsed({"a": 150, "b": 50}, {"a": 100, "b": 100})
+    assert not is_collapsed({"a": 195, "b": 5}, {"a": 190, "b": 10})  # the golds are that skewed themselves
+
+
+def full_logprob(model, ids: list[int], start: int) -> float:
+    """log P(ids[start:] | ids[:start]) from one plain forward of the whole text."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+
+def test_scores_are_label_tokens_only_and_calibration_is_the_hand_computation(llama_tokenizer, data_dir):
+    model, tok = tiny_model(len(llama_tokenizer), seed=3), llama_tokenizer
+    task = load_task_dir(data_dir / "sst2")
+    prompter = Prompter(task, tok, Formatter.for_task(task, tok), 1024)
+    queries = task.test[:4]
+    demos = prompter.choose_demonstrations(4, 0, True, queries)
+    out = evaluate_cell(SharedPrefixBackend(model, tok), prompter, demos, queries, scoring="calibrated")
+    prefix, context = prompter.prefix_ids(demos), prompter.context(demos)
+
+    def label_logprob(text: str, label: str) -> float:
+        e = prompter.encode_query(context, Example(text, ""))
+        k = prompter.labels.index(label)
+        assert e.answer_tokens[k] < len(e.candidates[k])  # the delimiter is NOT part of the score
+        ids = prefix + e.ids + e.candidates[k][: e.answer_tokens[k]]
+        return full_logprob(model, ids, len(prefix) + len(e.ids))
+
+    for q, p in zip(queries, out.predictions):
+        for label in prompter.labels:
+            by_hand = label_logprob(q.input, label)
+            free = math.log(np.mean([math.exp(label_logprob(x, label)) for x in CONTENT_FREE_INPUTS]))
+            assert p.scores["sum"][label] == pytest.approx(by_hand, abs=1e-4)
+            assert p.scores["calibrated"][label] == pytest.approx(by_hand - free, abs=1e-4)
+        assert p.prediction == max(p.scores["calibrated"], key=p.scores["calibrated"].get)
+
+
+def test_bootstrap_interval_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    truth, covered = 0.3, 0
+    for _ in range(200):
+        rows = rng.binomial(1, truth, (200, 1)).astype(float)
+        e = cell_interval(rows, ACCURACY, seed=int(rng.integers(1 << 30)))
+        covered += e.low <= truth <= e.high
+    assert 0.90 <= covered / 200 <= 1.0  # nominal 0.95 ± 0.05
+    # the two-level interval (seeds and queries) covers a task mean whose seeds differ
+    covered = 0
+    for _ in range(100):
+        seed_means = rng.normal(0.6, 0.05, 3)
+        cells = [rng.binomial(1, m, (200, 1)).astype(float) for m in seed_means]
+        e = average_interval([cells], [ACCURACY], seed=int(rng.integers(1 << 30)))
+        covered += e.low <= 0.6 <= e.high
+    assert covered / 100 >= 0.85  # three seeds: the seed level is coarse, so the check is one-sided
+
+
+def test_paired_test_detects_a_planted_difference_and_not_a_null_one():
+    rng = np.random.default_rng(1)
+    base = rng.binomial(1, 0.6, (400, 1)).astype(float)
+    better = base.copy()
+    wrong = np.flatnonzero(base[:, 0] == 0)
+    better[rng.choice(wrong, 40, replace=False)] = 1.0  # 10 points better on the same queries
+    planted = paired_difference(better, base, ACCURACY)
+    assert planted.difference == pytest.approx(0.1) and planted.low > 0 and planted.p_value < 0.01
+    rejections = 0
+    for k in range(100):  # two methods that agree except for symmetric noise: ~5 % false rejections
+        a = rng.binomial(1, 0.6, (400, 1)).astype(float)
+        b = np.where(rng.random((400, 1)) < 0.2, 1 - a, a)
+        flip = rng.random((400, 1)) < 0.5
+        a, b = np.where(flip, b, a), np.where(flip, a, b)
+        rejections += paired_difference(a, b, ACCURACY, seed=k).p_value < 0.05
+    assert rejections <= 12
+
+
+def test_cloze_multiple_choice_scores_the_option_texts(llama_tokenizer, data_dir):
+    model, tok = tiny_model(len(llama_tokenizer)), llama_tokenizer
+    task = load_task_dir(data_dir / "arc_challenge")
+    queries = task.test[:3]
+    cloze = Prompter(task, tok, Formatter.for_task(task, tok), 2048)
+    letter = Prompter(task, tok, Formatter.for_task(task, tok), 2048, multiple_choice="letter")
+    assert (cloze.answer_form, letter.answer_form) == ("cloze", "letter")
+    demos = cloze.choose_demonstrations(2, 0, True, queries)
+    assert demos[0].choices[ord(demos[0].output) - 65] in tok.decode(cloze.prefix_ids(demos))  # demos show the text
+    e = cloze.encode_query(cloze.context(demos), queries[0])
+    assert len(e.candidates) == len(queries[0].choices) and e.answer_chars == [len(c) for c in queries[0].choices]
+    out = evaluate_cell(SharedPrefixBackend(model, tok), cloze, demos, queries, scoring="per_char")
+    naive = evaluate_cell(NaiveBackend(model, tok), cloze, demos, queries, scoring="per_char")
+    assert [p.prediction for p in out.predictions] == [p.prediction for p in naive.predictions]
+    assert all(p.prediction in "ABCDE" and set(p.scores["sum"]) == {chr(65 + i) for i in range(len(q.choices))}
+               for p, q in zip(out.predictions, queries))
+    assert out.answer_form == "cloze" and set(out.gold_counts) <= set("ABCDE")
+    assert evaluate_cell(SharedPrefixBackend(model, tok), letter, demos, queries).answer_form == "letter"
+
+
+def test_records_carry_intervals_histograms_scores_and_skips(tiny_model_dir, data_dir, tmp_path):
+    from manyicl.config import ExperimentConfig
+    from manyicl.evaluation import run_evaluation
+    from manyicl.report import write_report
+
+    from conftest import tiny_config
+
+    long_query = {"input": "long " * 300, "output": "no"}
+    d = write_task(tmp_path / "data" / "t", [{"input": f"x{i}", "output": ["yes", "no"][i % 2]} for i in range(20)],
+                   [{"input": f"q{i}", "output": ["yes", "no"][i % 2]} for i in range(9)] + [long_query],
+                   "family: classification\n")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "data", tmp_path / "out")
+    cfg["evaluation"] = {"shots": [4], "seeds": [0, 1], "max_tokens": 256}
+    config = ExperimentConfig.model_validate(cfg)
+    with pytest.warns(UserWarning, match="1 queries too long"):
+        results = run_evaluation(config, [(load_task_dir(d), "held_out")])
+    for r in results:
+        assert r["n"] == 10 and r["skipped"] == 1 and r["ci_low"] <= r["value"] <= r["ci_high"]
+        assert sum(r["prediction_counts"].values()) == 9 and r["gold_counts"] == {"no": 5, "yes": 5}
+        assert r["demo_labels"] == {"yes": 2, "no": 2} and r["scoring"] == config.evaluation.scoring
+        lines = [json.loads(l) for l in (tmp_path / "out" / r["predictions"]).read_text().splitlines()]
+        assert len(lines) == 10 and lines[-1]["skipped"] and lines[-1]["metric_row"] == [0.0]  # wrong, not dropped
+        assert set(lines[0]["scores"]) == {"sum", "mean", "per_char", "calibrated"}
+        assert r["value"] == pytest.approx(np.mean([l["metric_row"][0] for l in lines]))
+    report = write_report(tmp_path / "out").read_text()
+    assert "[" in report.split("| t |")[1].splitlines()[0]  # the cell shows its interval
+    assert "too long for the context (scored as wrong, kept in every denominator): 2" in report
+
+
+def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
+    from manyicl.config import ExperimentConfig
+    from manyicl.errors import ManyICLError
+    from manyicl.evaluation import run_evaluation
+
+    from conftest import tiny_config
+
+    record = {"input": "Question: 1+1?\nA. 2\nB. 3", "output": "A", "choices": ["2", "3"]}
+    d = write_task(tmp_path / "data" / "mc", [record] * 4, [record, {**record, "output": "C"}], "family: multiple_choice\n")
+    config = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, tmp_path / "data", tmp_path / "out"))
+    with pytest.raises(ManyICLError, match=r"test.jsonl:2: answer 'C' is not a letter of its 2 choices"):
+        run_evaluation(config, [(load_task_dir(d), "held_out")])
+    assert not (tmp_path / "out").exists()
