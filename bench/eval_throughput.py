@@ -3,7 +3,8 @@
 - speedup_K: sst2 (shared/data), the first --queries test queries, seed 0, at K shots (256 is capped by the
   8K context; the count used is printed). The shared-prefix backend runs the whole cell (prefix once + every
   query); the naive backend (prefix re-encoded for every query) runs the first --naive-queries queries of the
-  SAME cell. speedup = naive s/query / shared s/query (the prefix pass included, amortised over the cell).
+  SAME cell. speedup = naive s/query / shared s/query (the prefix pass included, amortised over the cell; a
+  ranked cell's two content-free calibration queries count as queries on both paths).
   Predictions and candidate log-probs of the common queries are compared (identical, |Δ| < 1e-4).
 - floor_ratio_256: the 256-shot cell's wall time / its arithmetic floor: the FLOPs of the prefix pass and of
   every query and candidate token (linear layers, attention over the keys each token sees, the LM head where
@@ -145,6 +146,7 @@ def main() -> None:
     import torch
 
     from manyicl.evaluation import NaiveBackend, Prompter, SharedPrefixBackend, evaluate_cell
+    from manyicl.evaluation.prompting import CONTENT_FREE_INPUTS
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.tasks import load_task_dir
@@ -164,7 +166,9 @@ def main() -> None:
         return task, prompter, demos, queries, fast
 
     def compare(name, fast, slow, n_fast):
-        fast_per_query, slow_per_query = fast.seconds / n_fast, slow.seconds / len(slow.predictions)
+        # per scored prompt: a ranked cell also scores the content-free calibration queries, on both paths
+        extra = len(CONTENT_FREE_INPUTS) if fast.predictions[0].scores else 0
+        fast_per_query, slow_per_query = fast.seconds / (n_fast + extra), slow.seconds / (len(slow.predictions) + extra)
         subset = fast.predictions[: len(slow.predictions)]
         same = [a.prediction for a in subset] == [b.prediction for b in slow.predictions]
         delta = max((abs(a.scores[s][k] - b.scores[s][k]) for a, b in zip(subset, slow.predictions) if a.scores
@@ -189,7 +193,7 @@ def main() -> None:
         identical &= ok
         if shots == 256:
             prefix = prompter.prefix_ids(demos)
-            encoded = [prompter.encode_query(prompter.context(demos), q.input) for q in queries]
+            encoded = [prompter.encode_query(prompter.context(demos), q) for q in queries]
             flops = cell_flops(model.config, len(prefix), [e.ids for e in encoded], [e.candidates for e in encoded])
             floor_ratio = fast.seconds / (flops / rate / 1e9)
             print(f"  256-shot cell: {flops / 1e12:.2f} TFLOP -> floor {flops / rate / 1e9:.1f} s at {rate:.0f} GFLOP/s; "
