@@ -110,20 +110,23 @@ class Prompter:
         return chosen
 
     # ---- token ids
-    def prefix_ids(self, demos: list[Example]) -> list[int]:
-        """Lead special tokens + header + demonstrations: what every query of the cell shares."""
+    def _prefix_text(self, demos: list[Example]) -> tuple[Any, str]:
+        """The demonstrations as shown, and the text they share (without the continuation that closes a render)."""
         rendered = self.formatter.render([self.shown(d) for d in demos])  # ends with the continuation: the last
         # delimiter tokenizes as in training
-        prefix_len = len(rendered.text) - len(self.formatter.continuation)
-        if prefix_len == 0:
+        return rendered, rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
+
+    def prefix_ids(self, demos: list[Example]) -> list[int]:
+        """Lead special tokens + header + demonstrations: what every query of the cell shares."""
+        rendered, prefix_text = self._prefix_text(demos)
+        if not prefix_text:
             return list(self.lead)
-        ids, spans = tokenize_spans(self.tokenizer, rendered.text, [(0, prefix_len)], self.lead)
+        ids, spans = tokenize_spans(self.tokenizer, rendered.text, [(0, len(prefix_text))], self.lead)
         return ids[: spans[0][1]]
 
     def context(self, demos: list[Example]) -> str:
         """The text that decides how a query tokenizes: the last demonstration (or the header)."""
-        rendered = self.formatter.render([self.shown(d) for d in demos])
-        prefix_text = rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
+        rendered, prefix_text = self._prefix_text(demos)
         return prefix_text[rendered.example_spans[-1][0] :] if demos else prefix_text
 
     def encode_query(self, context: str, query: Example) -> EncodedQuery:
@@ -156,8 +159,7 @@ class Prompter:
 
     def check_in_context(self, demos: list[Example], prefix: list[int], query: Example, encoded: EncodedQuery) -> None:
         """Once per cell: the pieces must equal tokenizing the whole prompt at once."""
-        rendered = self.formatter.render([self.shown(d) for d in demos])
-        prefix_text = rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
+        _, prefix_text = self._prefix_text(demos)
         answer = self.formatter.answer(self.candidates(query)[1][0]) if self.ranked else ""
         full = self.tokenizer(prefix_text + self.formatter.prompt(query.input) + answer + self.formatter.continuation,
                               add_special_tokens=False)["input_ids"]
