@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from manyicl.families import SCORINGS
 from manyicl.formatter import MAX_HINT_LABELS
 from manyicl.uncertainty import average_interval, paired_average, significant
 
-SCORINGS = ("sum", "mean", "per_char", "calibrated")
 ACCURACY = lambda means: means[..., 0]  # noqa: E731
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from manyicl.errors import ManyICLError
+from manyicl.families import SCORINGS
 
 
 def _friendly(fn):
@@ -139,7 +140,7 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
 @click.option("--labels", default=None, help="Comma-separated label set (default: the demonstrations' outputs).")
 @click.option("--max-tokens", default=2048, show_default=True, type=int, help="Context budget.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--scoring", type=click.Choice(["sum", "mean", "per_char", "calibrated"]), default=None,
+@click.option("--scoring", type=click.Choice(SCORINGS), default=None,
               help="How label candidates are ranked (default: evaluation.scoring's default).")
 @click.option("--balance-labels/--no-balance-labels", default=True, show_default=True,
               help="Label-set families: demonstrations in rounds of one example per label.")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from manyicl.errors import ManyICLError
 from manyicl.sequences import OBJECTIVES
-from manyicl.families import FAMILIES
+from manyicl.families import FAMILIES, SCORINGS
 from manyicl.metrics import METRICS
 from manyicl.tasks import yaml_error
 
@@ -134,7 +134,7 @@ class EvaluationConfig(Strict):
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
     balance_labels: bool = True  # label-set families: demonstrations in rounds of one example per label
     # how label candidates are ranked (all four are kept per query; see evaluation/cells.py and docs/EVALUATION.md)
-    scoring: Literal["sum", "mean", "per_char", "calibrated"] = "sum"
+    scoring: Literal[SCORINGS] = "sum"  # type: ignore[valid-type]
     multiple_choice: Literal["cloze", "letter"] = "cloze"  # score the option texts (when records carry choices) or letters
     prefix_cache: bool = True
     # tokens per forward after the shared prefix: queries (with their candidates' trie, or their generation room)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MULTILABEL_SEPARATOR = ", "
+# How ranked families' candidates can be scored (evaluation/cells.py computes all four per query)
+SCORINGS = ("sum", "mean", "per_char", "calibrated")
 
 
 @dataclass(frozen=True)

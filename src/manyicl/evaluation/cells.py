@@ -25,7 +25,6 @@ from manyicl.metrics import METRICS, metric_rows, score
 from manyicl.tasks import Example
 from manyicl.uncertainty import cell_interval
 
-SCORINGS = ("sum", "mean", "per_char", "calibrated")
 COLLAPSE_SHARE = 0.9  # one label takes at least this share of the predictions ...
 
 
