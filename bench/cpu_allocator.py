@@ -38,7 +38,7 @@ def setup(data: str, length: int):
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
-    from manyicl.train import collate
+    from manyicl.data import collate
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")

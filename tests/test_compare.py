@@ -58,6 +58,8 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "Gap closed" in report and "Forgetting" in report and "supervised answers seen" in report
     assert "ManyICL against each method" in report and "95 % interval" in report
+    findings = report.split("## What this run found")[1].split("##")[0]  # the report opens with what it found
+    assert report.index("## What this run found") < report.index("## Held-out") and "ManyICL scores" in findings
     table = report.split("## Held-out tasks")[1].split("##")[0]
     assert all("[" in line for line in table.splitlines() if line.startswith("| sym_topic"))  # intervals on every cell
     # every fine-tune had the same budget: same steps and sequences

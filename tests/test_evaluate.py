@@ -161,7 +161,7 @@ def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     cfg["tasks"].update(held_out=["sst2", "lama_P36"], forgetting=["mmlu"])
     cfg["evaluation"] = {"shots": [0, 3], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [2], "max_tokens": 2048}
     config = ExperimentConfig.model_validate(cfg)
-    from manyicl.train import load_tasks
+    from manyicl.catalog import load_tasks
 
     tasks = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
     tasks += [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from manyicl.loss import full_logits_loss, target_only_loss
-from manyicl.train import collate
+from manyicl.data import collate
 
 
 def batch_of(vocab, lengths, seed=0):
@@ -47,7 +47,7 @@ def test_per_target_normalisation_weighs_answers_equally():
         per_target, _ = target_only_loss(model, batch, "target")
         logits = model(input_ids=batch["input_ids"]).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
-        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        labels = batch["labels"][0]
         answer_means = []
         for s, e in [(5, 7), (12, 20), (37, 40)]:
             answer_means.append(torch.stack([-logp[p - 1, labels[p]] for p in range(s, e)]).mean())

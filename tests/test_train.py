@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
-from manyicl.train import config_hash, train
+from manyicl.checkpoints import config_hash
+from manyicl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -100,7 +100,7 @@ def train(config, overrides, resume, overwrite) -> None:
             click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5}  supervised answers {m['answers']:>7}")
         if result.released_freed_memory:
             click.echo("CPU: freed activations were returned to the OS (lower peak memory, slower steps; see training.release_freed_memory)")
-        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; weights in {result.weights_dir}")
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.precision}); weights in {result.weights_dir}")
 
 
 @main.command("eval")
@@ -115,7 +115,7 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
     from manyicl.config import load_config
     from manyicl.evaluation import run_evaluation
     from manyicl.report import summary_table
-    from manyicl.train import load_tasks
+    from manyicl.catalog import load_tasks
 
     cfg = load_config(config, list(overrides) + (["evaluation.prefix_cache=false"] if no_prefix_cache else []))
     adapter = adapter or cfg.model.adapter

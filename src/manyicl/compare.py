@@ -27,16 +27,9 @@ from manyicl.errors import ManyICLError
 from manyicl.evaluation import run_evaluation
 from manyicl.report import summary_table
 from manyicl.files import write_atomic
-from manyicl.tasks import task_name
-from manyicl.train import check_split, load_tasks, train
-
-OBJECTIVE_OF = {
-    "zero_shot_ft": "zero_shot",
-    "few_shot_ft": "few_shot",
-    "many_shot_last_ft": "many_shot_last",
-    "manyicl": "many_shot_all",
-}
-METHODS = ("base", *OBJECTIVE_OF, "task_level")
+from manyicl.catalog import check_split, load_tasks, task_name
+from manyicl.methods import METHODS, MIXTURE_METHODS
+from manyicl.sequences import OBJECTIVES
 
 # Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not.
 RESULT_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
@@ -77,14 +70,12 @@ def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = 
     data = config.model_dump(mode="json")
     data["output_dir"] = str(out / "train" / method if task is None else out / "train" / "task_level" / task_name(task))
     tr = data["training"]
+    tr["objective"] = METHODS[method].objective
     if method == "task_level":
         data["tasks"]["meta_train"] = [task]
         data["tasks"]["held_out"], data["tasks"]["forgetting"] = [], []
-        tr["objective"] = "zero_shot"
         tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
-    else:
-        tr["objective"] = OBJECTIVE_OF[method]
-    tr["pack"] = tr["objective"] in ("zero_shot", "few_shot")
+    tr["pack"] = OBJECTIVES[tr["objective"]].isolated
     return ExperimentConfig.model_validate(data)
 
 
@@ -94,6 +85,8 @@ def train_stage(config: ExperimentConfig) -> Path:
     if (out / "train_summary.json").exists():
         click.echo(f"reusing {out}")
     else:
+        from manyicl.train import train  # the trainer (transformers.Trainer, accelerate) only when a stage trains
+
         train(config, resume=(out / "config.yaml").exists())
     return out / ("adapter" if config.training.finetune == "lora" else "model")
 
@@ -105,7 +98,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         raise ManyICLError(f"compare.methods: unknown method {unknown[0]!r}; use one of {', '.join(METHODS)}")
     if not config.tasks.held_out:
         raise ManyICLError("tasks.held_out: list the tasks to evaluate on (never seen in fine-tuning)")
-    if any(m in OBJECTIVE_OF for m in methods) and not config.tasks.meta_train:
+    if any(m in MIXTURE_METHODS for m in methods) and not config.tasks.meta_train:
         raise ManyICLError("tasks.meta_train: the fine-tuned methods need a meta-train mixture")
     check_split(config)
     out = Path(config.output_dir)

@@ -13,13 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from manyicl.errors import ManyICLError
-from manyicl.sequences import OBJECTIVES
 from manyicl.families import FAMILIES, SCORINGS
+from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
+from manyicl.sequences import OBJECTIVES
 from manyicl.tasks import yaml_error
 
-Objective = Literal["zero_shot", "few_shot", "many_shot_last", "many_shot_all"]
-assert set(Objective.__args__) == set(OBJECTIVES)  # type: ignore[attr-defined]
+Objective = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -123,7 +123,13 @@ class TrainingConfig(Strict):
     release_freed_memory: bool | None = None
     save_steps: int = Field(50, gt=0)
     save_total_limit: int | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # how the model's weights are loaded
+    # auto: bf16 autocast on a GPU with bf16, fp32 on CPU (bf16 there only when asked: precision.py);
+    # trainable weights and optimizer state stay fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Trainer loggers by name, as in TrainingArguments: "tensorboard" (event files under <output_dir>/checkpoints/runs),
+    # "wandb", ... (their packages installed); "none" by default
+    report_to: Union[str, list[str]] = "none"
 
 
 class EvaluationConfig(Strict):
@@ -144,12 +150,18 @@ class EvaluationConfig(Strict):
 
 
 class CompareConfig(Strict):
-    methods: list[str] = Field(
-        default_factory=lambda: ["base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl", "task_level"]
-    )
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
     task_level_steps: int | None = None  # default: training.max_steps
     # the dedicated model is the zero-shot reference; add shot counts to also prompt it with demonstrations
     task_level_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0])
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; use one of {', '.join(METHODS)}")
+        return v
 
 
 class ExperimentConfig(Strict):

@@ -31,8 +31,21 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: str = "token") -> tuple[torch.Tensor, LossStats]:
-    """Mean cross-entropy over answer tokens; ``normalization="target"`` weighs every answer equally.
+def supervised_count(batch: dict[str, torch.Tensor], normalization: str = "token") -> int:
+    """What the loss is normalised by: supervised tokens (``token``) or answers (``target``) in the batch."""
+    if normalization == "target":
+        return int((batch["target_index"].max(dim=1).values + 1).sum())  # answers are numbered 0..k-1 per row
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: str = "token",
+                     num_items: int | torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
+    """Cross-entropy over answer tokens, summed and divided by ``num_items``.
+
+    ``normalization="token"`` sums token losses; ``"target"`` sums each answer's mean token loss (every answer
+    weighs the same). ``num_items`` is the count over the WHOLE optimizer step (every micro-batch, every rank:
+    the Trainer's ``num_items_in_batch``), so the gradient does not depend on how the step is split; by default
+    this batch's own count (``supervised_count``), i.e. the batch mean. A batch with nothing supervised gives 0.
 
     ``batch`` holds ``input_ids``, ``labels`` (aligned with inputs, -100 = unsupervised), ``target_index``
     (which answer each token belongs to, -1 = none) and optionally ``attention_mask`` / ``position_ids``.
@@ -53,11 +66,10 @@ def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: 
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[:, 1:][keep[:, :-1]]
     answer_keys = rows * (int(batch["target_index"].max()) + 2) + answer_ids
     _, inverse, counts = torch.unique(answer_keys, return_inverse=True, return_counts=True)
-    if normalization == "target":
-        weights = 1.0 / counts[inverse].float() / counts.numel()
-        loss = (losses * weights).sum()
-    else:
-        loss = losses.mean()
+    summed = (losses / counts[inverse]).sum() if normalization == "target" else losses.sum()
+    if num_items is None:
+        num_items = counts.numel() if normalization == "target" else targets.numel()
+    loss = summed / (num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1))
     tokens = int(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None else labels.numel()
     return loss, LossStats(tokens, int(targets.numel()), int(counts.numel()))
 

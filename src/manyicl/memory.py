@@ -7,15 +7,33 @@ the heap keeps growing. Measured on SmolLM2-135M, one gradient-checkpointed 4096
 of the forward pass 3.1 GB of the heap was free but held, against 0.6 GB in use (`python bench/cpu_allocator.py`).
 With a fixed threshold large blocks are mmap-ed and unmapped when freed (`python bench/train_throughput.py`):
 peak RSS 5.7 GB -> 2.2 GB, the step 19% slower (the kernel hands out fresh zeroed pages). Training turns this on
-together with gradient checkpointing, the setting that already trades speed for memory, unless told otherwise.
+together with gradient checkpointing, the setting that already trades speed for memory, unless told otherwise,
+and for the training phase only (``freed_memory_released``): evaluation afterwards, in the same process
+(``manyicl compare``), runs with large blocks kept in the heap again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h); setting it also turns off the dynamic raise
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3  # setting it also turns off glibc's dynamic raise of the threshold, for good
+# What glibc's dynamic rule sets once it has seen freed blocks of 32 MB or more (evaluation's activations are):
+# the mmap threshold at its 64-bit ceiling (DEFAULT_MMAP_THRESHOLD_MAX) and the trim threshold at twice that.
+HEAP_MMAP_THRESHOLD = 32 << 20
+HEAP_TRIM_THRESHOLD = 64 << 20
+
+
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return None
 
 
 def release_freed_memory(threshold_bytes: int = 4 << 20) -> bool:
@@ -26,10 +44,25 @@ def release_freed_memory(threshold_bytes: int = 4 << 20) -> bool:
     slower at 1 MB, 10% at 4 MB (`python bench/cpu_allocator.py`).
 
     Returns False where this does not apply (not Linux, or a C library without glibc's ``mallopt``)."""
-    if not sys.platform.startswith("linux"):
-        return False
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def keep_freed_memory() -> bool:
+    """Back to keeping large freed blocks in the heap, as glibc does once its dynamic threshold has risen.
+
+    glibc cannot turn its dynamic rule back on after ``mallopt``; this sets the values that rule reaches."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
+
+
+@contextmanager
+def freed_memory_released(threshold_bytes: int = 4 << 20) -> Iterator[bool]:
+    """``release_freed_memory`` inside the block only; yields whether it applies on this platform."""
+    applied = release_freed_memory(threshold_bytes)
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+        yield applied
+    finally:
+        if applied:
+            keep_freed_memory()

@@ -104,6 +104,20 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def windowed_attention(model: Any, max_tokens: int) -> str | None:
+    """Why this model's attention is not plain causal attention over ``max_tokens`` tokens (sliding windows narrower
+    than that, or several kinds of layers), if it is not. Custom attention paths (the evaluation's shared prefix,
+    training's packed units) must then leave the model to its own masks."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < max_tokens:
+        return f"sliding-window attention ({window} tokens)"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)}"
+    return None
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None, adapter: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 

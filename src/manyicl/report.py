@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from manyicl.errors import ManyICLError
+from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
 from manyicl.uncertainty import Estimate, average_interval, interval_of, paired_average, replicates, significant
 
-METHOD_ORDER = ["base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl", "task_level"]
+METHOD_ORDER = list(METHODS)
 
 
 def _shots_key(k: Any) -> float:
@@ -122,11 +123,13 @@ def write_report(run_dir: str | Path) -> Path:
     held = sorted({r["task"] for r in results if r.get("role", "held_out") == "held_out"})
     forgetting = sorted({r["task"] for r in results if r.get("role") == "forgetting"})
     shots = headline_shots(results) if held else "0"
+    comparisons = paired_comparisons(cells, methods, held, shots) if held else []
     lines = [f"# ManyICL comparison: {run_dir.name}", ""]
+    lines += _findings(cells, methods, held, shots, comparisons)
     lines += _setup_lines(run_dir, results, methods)
     if held:
         lines += _main_table(cells, methods, held, shots)
-        lines += _comparisons(cells, methods, held, shots)
+        lines += _comparisons(comparisons, methods, held, shots)
         lines += _gap_closed(cells, held, shots)
     if forgetting:
         lines += _forgetting_table(cells, methods, forgetting, headline_shots(results, "forgetting"))
@@ -194,13 +197,13 @@ def _average(cells: dict, method: str, tasks: list[str], shots: str) -> Estimate
     return average_interval([list(c.rows.values()) for c in members], [c.from_means for c in members])
 
 
-def _comparisons(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[str]:
-    """manyicl against every other method, per task and on the average, on the same queries and seeds."""
+def paired_comparisons(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[tuple[str, str, Any, bool]]:
+    """manyicl − every other method, per task and on the average over tasks, on the same queries and seeds:
+    (method, task or "average", Comparison, significant after Benjamini-Hochberg over all of them)."""
     if "manyicl" not in methods:
         return []
-    others = [m for m in methods if m != "manyicl"]
     table: list[tuple[str, str, Any]] = []
-    for m in others:
+    for m in (m for m in methods if m != "manyicl"):
         pairs, fns = [], []
         for t in tasks:
             a, b = cell_at(cells, "manyicl", t, shots), cell_at(cells, m, t, shots)
@@ -211,17 +214,49 @@ def _comparisons(cells: dict, methods: list[str], tasks: list[str], shots: str) 
                 table.append((m, t, paired_average([paired], [a.from_means])))
         if len(pairs) > 1:
             table.append((m, "average", paired_average(pairs, fns)))
-    if not table:
-        return []
     marks = significant([c.p_value for _, _, c in table])
+    return [(m, t, c, mark) for (m, t, c), mark in zip(table, marks)]
+
+
+def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, comparisons: list) -> list[str]:
+    """What the run found, in two sentences: ManyICL's held-out average, which methods it beats, trails or cannot
+    be told from (paired tests), and how much of the gap to the dedicated fine-tune it closes."""
+    if "manyicl" not in methods or not tasks:
+        return []
+    average = _average(cells, "manyicl", tasks, shots)
+    scope = "average" if len(tasks) > 1 else tasks[0]
+    verdicts: dict[str, list[str]] = {"better than": [], "worse than": [], "not distinguishable from": []}
+    for m, t, c, mark in comparisons:
+        if t == scope:
+            kind = "not distinguishable from" if not mark else ("better than" if c.difference > 0 else "worse than")
+            verdicts[kind].append(f"{m} ({c.difference:+.3f})")
+    said = "; ".join(f"{kind} {', '.join(ms)}" for kind, ms in verdicts.items() if ms)
+    first = (f"On {len(tasks)} held-out task{'s' if len(tasks) > 1 else ''} at {shots} shots ManyICL scores "
+             f"{_fmt(average) if average else '–'} on average: {said or 'no other method to compare with'} "
+             f"(paired tests on the same queries, Benjamini-Hochberg).")
+    gaps = []
+    for t in tasks:
+        b, mi, tl = (cell_at(cells, x, t, shots) for x in ("base", "manyicl", "task_level"))
+        if b and mi and tl and tl.estimate().value > b.estimate().value:
+            gaps.append((mi.estimate().value - b.estimate().value) / (tl.estimate().value - b.estimate().value))
+    second = (f"Against a dedicated fine-tune per task it closes a median {np.median(gaps):.2f} of the gap from the "
+              f"untuned model ({len(gaps)} of {len(tasks)} tasks where the dedicated model beats it; per task with "
+              f"intervals below)." if gaps else
+              "No task has a dedicated fine-tune above the untuned model here, so no gap-closed figure is given.")
+    return ["## What this run found", "", first + " " + second, ""]
+
+
+def _comparisons(comparisons: list, methods: list[str], tasks: list[str], shots: str) -> list[str]:
+    if not comparisons:
+        return []
     lines = [f"## ManyICL against each method ({shots} shots, paired on the same queries and seeds)", "",
              "Difference manyicl − method with its 95 % paired-bootstrap interval; **bold** = significant after "
              "Benjamini-Hochberg over this table (q < 0.05); otherwise the two are not distinguishable here.", "",
              "| method | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
-    for m in others:
+    for m in (m for m in methods if m != "manyicl"):
         row = []
         for t in tasks + ["average"]:
-            hit = [(c, mark) for (mm, tt, c), mark in zip(table, marks) if mm == m and tt == t]
+            hit = [(c, mark) for mm, tt, c, mark in comparisons if mm == m and tt == t]
             if not hit:
                 row.append("–")
                 continue

@@ -23,8 +23,25 @@ from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
 from manyicl.tasks import Example, Task, take_fitting
 
-OBJECTIVES = ("zero_shot", "few_shot", "many_shot_last", "many_shot_all")
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One fine-tuning strategy: which examples a sequence holds and which answers are supervised."""
+
+    name: str
+    examples: str  # "one": a single example; "few": n_shots demonstrations + a query; "fill": up to the budget
+    supervise_all: bool  # every answer (ManyICL) or only the last one
+    isolated: bool  # a sequence is one short unit: several are packed per row (positions restart) when training.pack
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
+    Objective("zero_shot", "one", supervise_all=False, isolated=True),
+    Objective("few_shot", "few", supervise_all=False, isolated=True),
+    Objective("many_shot_last", "fill", supervise_all=False, isolated=False),
+    Objective("many_shot_all", "fill", supervise_all=True, isolated=False),
+]}
 
 
 @dataclass
@@ -133,6 +150,7 @@ class SequenceBuilder:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ManyICLError(f"objective: unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        self.spec = OBJECTIVES[self.objective]
         if not self.task.train:
             raise ManyICLError(f"task {self.task.name}: no training examples to build sequences from")
         self._lead = leading_special_ids(self.tokenizer)
@@ -162,13 +180,8 @@ class SequenceBuilder:
     def build(self, seed: int) -> Sequence:
         rng = random.Random(f"{self.task.name}:{seed}")
         order = self.order(rng)
-        if self.objective == "zero_shot":
-            chosen = order[:1]
-        elif self.objective == "few_shot":
-            chosen = order[: self.n_shots + 1]
-        else:
-            chosen = order
-        return self.fit(chosen)
+        wanted = {"one": 1, "few": self.n_shots + 1, "fill": len(order)}[self.spec.examples]
+        return self.fit(order[:wanted])
 
     def take_fitting(self, indices: list[int], budget: int) -> list[Example]:
         """The leading examples of ``indices`` whose summed token counts stay within ``budget``."""
@@ -208,9 +221,9 @@ class SequenceBuilder:
     def _tokenize(self, examples: list[Example], n_truncated: int) -> Sequence:
         rendered = self.formatter.render(examples)
         ids, spans = tokenize_spans(self.tokenizer, rendered.text, rendered.target_spans, self._lead)
-        if self.objective in ("few_shot", "many_shot_last", "zero_shot"):
+        if not self.spec.supervise_all:
             spans = spans[-1:]  # loss on the last answer only
-        n_demos = len(examples) if self.objective == "many_shot_all" else len(examples) - 1
+        n_demos = len(examples) if self.spec.supervise_all else len(examples) - 1
         return Sequence(ids, _labels_for(ids, spans), spans, len(examples), n_demos, n_truncated, None, self.task.name, rendered.text)
 
     def build_packed(self, seed: int) -> Sequence:

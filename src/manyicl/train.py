@@ -1,8 +1,9 @@
 """The training recipe: one fine-tune over a mixture of tasks, every sequence built by the SequenceBuilder.
 
-Read top to bottom: ``train()`` checks the config, loads the model, builds the mixture, and hands a
-``transformers.Trainer`` (subclassed only for the target-only loss and its statistics) the data. Multi-GPU
-and multi-node (DDP, FSDP, DeepSpeed) come from ``accelerate launch`` with no code here.
+Read top to bottom: ``train()`` checks the config, loads the model, builds the mixture (data.py), and hands a
+``transformers.Trainer`` the data. The Trainer is subclassed only for the target-only loss, normalised by the
+supervised count of the WHOLE optimizer step (every micro-batch, every rank), and for its statistics.
+Multi-GPU and multi-node (DDP, FSDP, DeepSpeed) come from ``accelerate launch`` with no code here.
 """
 
 from __future__ import annotations
@@ -11,121 +12,29 @@ import hashlib
 import json
 import math
 import os
-import random
-import shutil
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
+from manyicl.catalog import check_split, load_tasks
+from manyicl.checkpoints import CHECKPOINT_MARKER, TASK_COUNTS, config_hash, prepare_output_dir, truncate_log
+from manyicl.config import ExperimentConfig, dump_config
+from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
 from manyicl.errors import ManyICLError
 from manyicl.files import write_atomic
-from manyicl.formatter import Formatter
-from manyicl.loss import target_only_loss
-from manyicl.memory import release_freed_memory
+from manyicl.loss import supervised_count, target_only_loss
+from manyicl.memory import freed_memory_released
 from manyicl.models import load_model, load_tokenizer, resolve_model
-from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
-from manyicl.tasks import Task, resolve_task, task_name
-
-CHECKPOINT_MARKER = "manyicl_complete.json"  # written last: a checkpoint without it is incomplete
-TASK_COUNTS = "manyicl_task_counts.json"  # per-task sequences/answers so far, restored on --resume
-
-
-# ---------------------------------------------------------------- the mixture
-
-
-def load_tasks(config: ExperimentConfig, refs: list[Any]) -> list[Task]:
-    t = config.tasks
-    return [resolve_task(r, t.data_dir, t.max_train_examples, t.synthetic_seed) for r in refs]
-
-
-def check_split(config: ExperimentConfig) -> None:
-    train = [task_name(r) for r in config.tasks.meta_train]
-    held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
-    both = sorted(set(train) & set(held))
-    if both and not config.tasks.allow_overlap:
-        raise ManyICLError(
-            f"tasks: {both[0]!r} is in both meta_train and held_out/forgetting; held-out tasks must be unseen in "
-            f"fine-tuning (set tasks.allow_overlap=true to allow it)"
-        )
-
-
-def make_builders(config: ExperimentConfig, tasks: list[Task], tokenizer: Any) -> dict[str, SequenceBuilder]:
-    tr = config.training
-    builders = {}
-    for task in tasks:
-        formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
-        builders[task.name] = SequenceBuilder(
-            task, tokenizer, formatter, tr.max_tokens, tr.objective, tr.n_shots, tr.balance_labels
-        )
-    return builders
-
-
-def mixture_weights(tasks: list[Task], temperature: float, cap: int | None) -> dict[str, float]:
-    """P(task) ∝ min(size, cap) ** (1 / temperature): proportional to size at T=1, uniform as T grows."""
-    raw = {t.name: min(len(t.train), cap or len(t.train)) ** (1.0 / temperature) for t in tasks}
-    total = sum(raw.values())
-    return {name: w / total for name, w in raw.items()}
-
-
-class MixtureDataset(torch.utils.data.Dataset):
-    """Sequence i is a deterministic function of (seed, i): its task is drawn from the mixture weights and its
-    examples from that task. Built lazily, so a run of any length starts at once and any rank can build any item."""
-
-    def __init__(self, builders: dict[str, SequenceBuilder], weights: dict[str, float], n_sequences: int, seed: int, pack: bool):
-        self.builders, self.seed, self.pack, self.n = builders, seed, pack, n_sequences
-        self.names = sorted(builders)
-        self.weights = [weights[n] for n in self.names]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def task_of(self, i: int) -> str:
-        return random.Random(f"mixture:{self.seed}:{i}").choices(self.names, self.weights)[0]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        name = self.task_of(i)
-        builder = self.builders[name]
-        seed = self.seed * 1_000_003 + i
-        seq = builder.build_packed(seed) if self.pack and builder.objective in ("zero_shot", "few_shot") else builder.build(seed)
-        return {
-            "input_ids": seq.input_ids,
-            "labels": seq.labels,
-            "target_index": seq.target_index(),
-            "position_ids": seq.position_ids,
-            "sequence_id": i,
-            "task_id": self.names.index(name),
-        }
-
-
-def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad. Packed items carry position_ids and no attention mask (transformers isolates the examples);
-    their padding restarts positions too, so it is a separate, unsupervised block."""
-    width = max(len(it["input_ids"]) for it in items)
-    packed = items[0]["position_ids"] is not None
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([it[key] + [value] * (width - len(it[key])) for it in items])
-
-    batch = {
-        "input_ids": pad("input_ids", pad_id),
-        "labels": pad("labels", IGNORE_INDEX),
-        "target_index": pad("target_index", -1),
-        "sequence_id": torch.tensor([it["sequence_id"] for it in items]),
-        "task_id": torch.tensor([it["task_id"] for it in items]),
-    }
-    if packed:
-        batch["position_ids"] = torch.tensor([it["position_ids"] + list(range(width - len(it["position_ids"]))) for it in items])
-    else:
-        batch["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (width - len(it["input_ids"])) for it in items])
-    return batch
+from manyicl.packing import packed_attention
+from manyicl.precision import resolve_precision
 
 
 # ---------------------------------------------------------------- the trainer
@@ -134,19 +43,37 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
 class ManyICLTrainer(Trainer):
     """transformers.Trainer with the target-only loss; it also counts tokens, answers and sequences per task."""
 
-    def __init__(self, *args: Any, loss_normalization: str = "token", task_names: list[str] = (), **kwargs: Any):
+    def __init__(self, *args: Any, loss_normalization: str = "token", task_names: Sequence[str] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_normalization = loss_normalization
         self.task_names = list(task_names)
-        self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: Trainer scales it for accumulation
+        # compute_loss divides by the step's global count (num_items_in_batch): the Trainer must not also divide
+        # by the accumulation steps
+        self.model_accepts_loss_kwargs = True
         self.step_stats = Counter()
         self.task_stats: dict[str, Counter] = {n: Counter() for n in self.task_names}
         self.seen_sequences: list[int] = []
 
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
+        answers, ``loss_normalization: target``) in all of them, summed over ranks."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        count = torch.tensor(sum(supervised_count(b, self.loss_normalization) for b in batches), device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batches, count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sequence_ids = inputs.pop("sequence_id")
         task_ids = inputs.pop("task_id")
-        loss, stats = target_only_loss(model, inputs, self.loss_normalization)
+        loss, stats = target_only_loss(model, inputs, self.loss_normalization, num_items_in_batch)
+        if num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP/FSDP average gradients over ranks: undo it
         if model.training:
             self.step_stats.update(tokens=stats.tokens, target_tokens=stats.target_tokens, answers=stats.answers)
             self.seen_sequences += sequence_ids.tolist()
@@ -212,72 +139,6 @@ class TrainLog(TrainerCallback):
             self.bar.close()
 
 
-# ---------------------------------------------------------------- checkpoints and run directories
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    """What decides the weights: everything but where outputs go and how evaluation runs."""
-    data = drop_speed_settings(config.model_dump(mode="json"))
-    for key in ("output_dir", "evaluation", "compare", "name"):
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    done = [p for p in checkpoints.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> Path | None:
-    """Returns the checkpoint to resume from. Refuses to mix runs in one directory."""
-    holds_run = (out / "config.yaml").exists() or (out / "train_log.jsonl").exists()
-    if holds_run and overwrite:
-        shutil.rmtree(out)
-        holds_run = False
-    if not resume:
-        if holds_run:
-            raise ManyICLError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
-        return None
-    checkpoint = last_complete_checkpoint(out / "checkpoints")
-    if checkpoint is None:
-        if holds_run:
-            raise ManyICLError(f"{out}: no complete checkpoint to resume from; use --overwrite to start again")
-        return None
-    try:
-        marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
-    except (OSError, ValueError):
-        raise ManyICLError(f"{checkpoint}: corrupt checkpoint marker; delete the folder or use --overwrite") from None
-    if marker.get("config") != chash:
-        raise ManyICLError(f"{checkpoint}: made with a different config (model/tasks/training); use --overwrite or the original config")
-    _check_readable(checkpoint)
-    return checkpoint
-
-
-def _check_readable(checkpoint: Path) -> None:
-    """Cheap integrity check before resuming: weight headers parse, state files exist and parse."""
-    from safetensors import safe_open
-
-    try:
-        for weights in checkpoint.glob("*.safetensors"):
-            with safe_open(str(weights), framework="pt") as f:
-                list(f.keys())
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        json.loads((checkpoint / TASK_COUNTS).read_text())
-        for name in ("optimizer.pt", "scheduler.pt"):
-            if not (checkpoint / name).exists():
-                raise OSError(f"{name} is missing")
-    except Exception as e:  # safetensors, json and OS errors all mean the same thing here
-        raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it is corrupt ({str(e).splitlines()[0][:160]}); "
-                           f"delete it to resume from an earlier one, or use --overwrite") from None
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """After a crash the log may hold steps past the checkpoint: they are redone, so drop them."""
-    if path.exists():
-        keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
-        write_atomic(path, "".join(l + "\n" for l in keep))
-
-
 # ---------------------------------------------------------------- the recipe
 
 
@@ -287,10 +148,14 @@ class TrainResult:
     weights_dir: Path
     steps: int
     seconds: float
-    released_freed_memory: bool  # CPU: large blocks were mmap-ed (see memory.py)
+    released_freed_memory: bool  # CPU: large blocks were mmap-ed during training (see memory.py)
+    precision: str  # "bf16" (autocast, trainable weights and optimizer state in fp32) or "fp32"
 
 
-def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """One fine-tune. ``callbacks`` are added to the Trainer (transformers.TrainerCallback), as users of
+    Trainer-based tools expect."""
     tr = config.training
     out = Path(config.output_dir)
     chash = config_hash(config)
@@ -326,14 +191,13 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
-    release = tr.gradient_checkpointing if tr.release_freed_memory is None else tr.release_freed_memory
-    released = release and not torch.cuda.is_available() and release_freed_memory()
+    precision = resolve_precision(tr.precision, model)
 
     # 3. the data: sequences drawn lazily from the mixture
     weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = tr.batch_size * tr.grad_accum * world
-    steps = tr.max_steps if tr.epochs is None else _steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
+    steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
     dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
 
     # 4. the trainer
@@ -352,14 +216,14 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         save_strategy="steps",
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
-        report_to="none",
+        report_to=tr.report_to,  # TensorBoard: event files under <output_dir>/checkpoints/runs (or $TENSORBOARD_LOGGING_DIR)
         remove_unused_columns=False,
         activation_checkpointing=tr.gradient_checkpointing,  # transformers 5 name for gradient checkpointing
-        bf16=model.dtype == torch.bfloat16,
+        bf16=precision == "bf16",  # autocast; with fp32 weights the LoRA weights and optimizer state stay fp32
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also makes several CPU ranks use DDP over gloo
+        use_cpu=not torch.cuda.is_available(),  # also makes several CPU ranks use DDP over gloo (accelerate runs FSDP on GPUs only)
         disable_tqdm=True,
     )
     trainer = ManyICLTrainer(
@@ -370,22 +234,29 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(TrainLog(out / "train_log.jsonl"))
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", dump_config(config))
         if checkpoint is not None:
-            _truncate_log(out / "train_log.jsonl", int(checkpoint.name.split("-")[1]))
+            truncate_log(out / "train_log.jsonl", int(checkpoint.name.split("-")[1]))
             # counts before the crash (already summed over ranks) continue on rank 0
             for name, counts in json.loads((checkpoint / TASK_COUNTS).read_text()).items():
                 trainer.task_stats[name].update(counts)
+    release = tr.gradient_checkpointing if tr.release_freed_memory is None else tr.release_freed_memory
     started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except RuntimeError as e:
-        if checkpoint is not None and ("size mismatch" in str(e) or "loading state_dict" in str(e)):
-            raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this model ({str(e).splitlines()[0][:160]})") from None
-        raise
+    with ExitStack() as phase:  # settings of the training phase only: evaluation afterwards runs without them
+        released = release and not torch.cuda.is_available() and phase.enter_context(freed_memory_released())
+        if dataset.packed:
+            phase.enter_context(packed_attention(model, tr.max_tokens))
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except RuntimeError as e:
+            if checkpoint is not None and ("size mismatch" in str(e) or "loading state_dict" in str(e)):
+                raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this model ({str(e).splitlines()[0][:160]})") from None
+            raise
     seconds = time.perf_counter() - started
 
     # 5. outputs: a standard PEFT adapter (or full checkpoint), the mixture statistics, the data shards
@@ -401,8 +272,9 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
         write_atomic(out / "train_summary.json", json.dumps({
             "steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir), "released_freed_memory": released,
+            "precision": precision,
         }))
-    return TrainResult(out, weights_dir, steps, seconds, released)
+    return TrainResult(out, weights_dir, steps, seconds, released, precision)
 
 
 def _sum_over_ranks(counts: list) -> torch.Tensor:
@@ -430,10 +302,3 @@ def _write_shard_record(out: Path, trainer: ManyICLTrainer, model: Any) -> None:
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     write_atomic(shards / f"rank{rank}.json", json.dumps({"sequences": trainer.seen_sequences, "weights_sha256": digest.hexdigest()}))
-
-
-def _steps_for_epochs(tasks, builders, weights, epochs, per_step, cap) -> int:
-    """Optimizer steps so that, in expectation, each task's (capped) examples are seen ``epochs`` times."""
-    examples = sum(min(len(t.train), cap or len(t.train)) for t in tasks)
-    per_sequence = sum(weights[t.name] * builders[t.name].build(0).n_examples for t in tasks)
-    return max(1, math.ceil(epochs * examples / per_sequence / per_step))

@@ -21,19 +21,17 @@ import torch
 
 from manyicl.evaluation.backend import Stop
 from manyicl.evaluation.kv_store import InPlaceKV, gqa_attention
+from manyicl.models import windowed_attention
 
 MIN_GROUP_TOKENS = 512
 
 
 def exact_reuse_problem(model: Any, max_tokens: int) -> str | None:
     """Why a shared prefix with a block mask would not reproduce the plain forward for this model, if it would not."""
+    problem = windowed_attention(model, max_tokens)
+    if problem:
+        return problem
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_tokens:
-        return f"sliding-window attention ({window} tokens)"
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        return f"layer types {sorted(kinds)}"
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} (needs sdpa or eager for a custom mask)"

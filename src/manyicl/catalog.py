@@ -1,0 +1,66 @@
+"""Which tasks a config names: resolving each entry (a directory, a file, a hub dataset or a generated task)
+and checking the meta-train / held-out split. Above tasks.py and synthetic.py, so neither imports the other,
+and the CLI and compare resolve tasks without importing the trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from manyicl.config import ExperimentConfig
+from manyicl.errors import ManyICLError
+from manyicl.synthetic import make_task
+from manyicl.tasks import Task, load_hf_task, load_task_dir, load_task_file
+
+
+def task_name(ref: Any) -> str:
+    return ref if isinstance(ref, str) else ref.name
+
+
+def resolve_task(ref: Any, data_dir: str | None = None, max_train: int | None = None, synthetic_seed: int = 0) -> Task:
+    """A task from a config entry: a bare name (a directory under ``data_dir``) or a TaskSpec."""
+    if isinstance(ref, str):
+        if data_dir is None:
+            raise ManyICLError(f"task {ref!r}: set tasks.data_dir, or give the task as a mapping with a path")
+        task = load_task_dir(Path(data_dir) / ref, name=ref)
+    elif ref.synthetic:
+        task = make_task(ref.name, seed=synthetic_seed)
+    else:
+        extra = {"metric": ref.metric, "labels": ref.labels}
+        extra = {k: v for k, v in extra.items() if v}
+        if ref.dataset:
+            task = load_hf_task(
+                ref.dataset, ref.name, ref.family or "generation", ref.dataset_config, ref.train_split,
+                ref.test_split, ref.data_files, ref.input_field, ref.output_field, ref.answers_field,
+                template=ref.template, **extra,
+            )
+        elif ref.path and Path(ref.path).is_dir():
+            task = load_task_dir(ref.path, name=ref.name, family=ref.family, template=ref.template, **extra)
+        elif ref.path:
+            task = load_task_file(
+                ref.path, ref.name, ref.family or "generation", ref.test_path, ref.input_field, ref.output_field,
+                ref.answers_field, template=ref.template, **extra,
+            )
+        elif data_dir is not None:
+            task = load_task_dir(Path(data_dir) / ref.name, name=ref.name, family=ref.family, template=ref.template, **extra)
+        else:
+            raise ManyICLError(f"task {ref.name!r}: give a path, a dataset, synthetic: true, or set tasks.data_dir")
+    if max_train is not None:
+        task.train = task.train[:max_train]
+    return task
+
+
+def load_tasks(config: ExperimentConfig, refs: list[Any]) -> list[Task]:
+    t = config.tasks
+    return [resolve_task(r, t.data_dir, t.max_train_examples, t.synthetic_seed) for r in refs]
+
+
+def check_split(config: ExperimentConfig) -> None:
+    train = [task_name(r) for r in config.tasks.meta_train]
+    held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
+    both = sorted(set(train) & set(held))
+    if both and not config.tasks.allow_overlap:
+        raise ManyICLError(
+            f"tasks: {both[0]!r} is in both meta_train and held_out/forgetting; held-out tasks must be unseen in "
+            f"fine-tuning (set tasks.allow_overlap=true to allow it)"
+        )

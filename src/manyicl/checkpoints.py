@@ -1,0 +1,81 @@
+"""Run directories and checkpoints: what identifies a run (the config hash), which checkpoint is complete,
+and what may be resumed. A checkpoint counts only once its marker file is written, last and atomically, so a
+run killed while saving resumes from the checkpoint before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from manyicl.config import ExperimentConfig, drop_speed_settings
+from manyicl.errors import ManyICLError
+from manyicl.files import write_atomic
+
+CHECKPOINT_MARKER = "manyicl_complete.json"  # written last: a checkpoint without it is incomplete
+TASK_COUNTS = "manyicl_task_counts.json"  # per-task sequences/answers so far, restored on --resume
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """What decides the weights: everything but where outputs go and how evaluation runs."""
+    data = drop_speed_settings(config.model_dump(mode="json"))
+    for key in ("output_dir", "evaluation", "compare", "name"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> Path | None:
+    """Returns the checkpoint to resume from. Refuses to mix runs in one directory."""
+    holds_run = (out / "config.yaml").exists() or (out / "train_log.jsonl").exists()
+    if holds_run and overwrite:
+        shutil.rmtree(out)
+        holds_run = False
+    if not resume:
+        if holds_run:
+            raise ManyICLError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
+        return None
+    checkpoint = last_complete_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        if holds_run:
+            raise ManyICLError(f"{out}: no complete checkpoint to resume from; use --overwrite to start again")
+        return None
+    try:
+        marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+    except (OSError, ValueError):
+        raise ManyICLError(f"{checkpoint}: corrupt checkpoint marker; delete the folder or use --overwrite") from None
+    if marker.get("config") != chash:
+        raise ManyICLError(f"{checkpoint}: made with a different config (model/tasks/training); use --overwrite or the original config")
+    check_readable(checkpoint)
+    return checkpoint
+
+
+def check_readable(checkpoint: Path) -> None:
+    """Cheap integrity check before resuming: weight headers parse, state files exist and parse."""
+    from safetensors import safe_open
+
+    try:
+        for weights in checkpoint.glob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as f:
+                list(f.keys())
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        json.loads((checkpoint / TASK_COUNTS).read_text())
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if not (checkpoint / name).exists():
+                raise OSError(f"{name} is missing")
+    except Exception as e:  # safetensors, json and OS errors all mean the same thing here
+        raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it is corrupt ({str(e).splitlines()[0][:160]}); "
+                           f"delete it to resume from an earlier one, or use --overwrite") from None
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """After a crash the log may hold steps past the checkpoint: they are redone, so drop them."""
+    if path.exists():
+        keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
+        write_atomic(path, "".join(l + "\n" for l in keep))
+

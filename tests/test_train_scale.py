@@ -1,0 +1,267 @@
+"""Training at scale: a gradient independent of batch layout, bf16 autocast, packed units without a dense mask,
+allocator settings for the training phase only, Trainer loggers, and the shipped multi-rank config."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from conftest import tiny_config, tiny_model
+from manyicl.config import ExperimentConfig
+from manyicl.data import collate
+from manyicl.formatter import Formatter
+from manyicl.loss import supervised_count, target_only_loss
+from manyicl.packing import packed_attention, supports_packed_attention
+from manyicl.sequences import SequenceBuilder
+from manyicl.tasks import load_task_dir
+from manyicl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class GradientsAtFirstStep(TrainerCallback):
+    """Saves the trainable parameters' gradients just before the first optimizer step (after the all-reduce)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and state.is_world_process_zero:
+            torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, self.path)
+
+
+def layout_config(model_dir, data_dir, out, normalization, batch_size, grad_accum):
+    # one optimizer step over the same 4 sequences; fp32, no dropout, no clipping: only the layout differs
+    return tiny_config(model_dir, data_dir, out, max_steps=1, save_steps=100, precision="fp32", batch_size=batch_size,
+                       grad_accum=grad_accum, loss_normalization=normalization, max_grad_norm=1e9,
+                       lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+TWO_RANKS = """
+    import sys, torch, yaml
+    sys.path.insert(0, {tests!r})
+    from test_train_scale import GradientsAtFirstStep
+    from manyicl.config import ExperimentConfig
+    from manyicl.train import train
+    for path, grads in zip(sys.argv[1::2], sys.argv[2::2]):
+        train(ExperimentConfig.model_validate(yaml.safe_load(open(path))), callbacks=[GradientsAtFirstStep(grads)])
+"""
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+    return diff / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+
+
+def test_gradient_does_not_depend_on_batch_layout(tiny_model_dir, data_dir, tmp_path):
+    """Batch 4 x accumulation 1, batch 1 x accumulation 4 and 2 ranks x batch 2 give the same gradient, in token
+    and in target normalisation (the ranks launched with the shipped FSDP config: on CPU ranks accelerate runs it
+    as DDP over gloo, see docs/TRAINING.md)."""
+    grads, ranks_args = {}, []
+    for norm in ("token", "target"):
+        for layout, (batch, accum) in {"4x1": (4, 1), "1x4": (1, 4)}.items():
+            out = tmp_path / f"{norm}-{layout}"
+            train(ExperimentConfig.model_validate(layout_config(tiny_model_dir, data_dir, out, norm, batch, accum)),
+                  callbacks=[GradientsAtFirstStep(tmp_path / f"{norm}-{layout}.pt")])
+            grads[norm, layout] = torch.load(tmp_path / f"{norm}-{layout}.pt")
+        config = tmp_path / f"{norm}-2ranks.yaml"
+        config.write_text(yaml.safe_dump(layout_config(tiny_model_dir, data_dir, tmp_path / f"{norm}-2ranks", norm, 2, 1)))
+        ranks_args += [str(config), str(tmp_path / f"{norm}-2ranks.pt")]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(ROOT / "tests"))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
+         "--num_processes", "2", "--mixed_precision", "no", str(script), *ranks_args],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for norm in ("token", "target"):
+        grads[norm, "2ranks"] = torch.load(tmp_path / f"{norm}-2ranks.pt")
+        reference = grads[norm, "4x1"]
+        assert all(float(g.abs().max()) > 0 for n, g in reference.items() if "lora_B" in n)  # (B = 0 at init: A's grad is 0)
+        logged = {layout: json.loads((tmp_path / f"{norm}-{layout}" / "train_log.jsonl").read_text().splitlines()[0])
+                  for layout in ("4x1", "1x4", "2ranks")}
+        for layout in ("1x4", "2ranks"):
+            assert relative_difference(grads[norm, layout], reference) < 1e-5, (norm, layout)
+            # the logged loss is the step's loss too, and the counts are the whole step's
+            assert logged[layout]["loss"] == pytest.approx(logged["4x1"]["loss"], rel=1e-5), (norm, layout)
+            assert logged[layout]["target_tokens"] == logged["4x1"]["target_tokens"]
+    # the two normalisations are different gradients (one weighs tokens, the other answers)
+    assert relative_difference(grads["target", "4x1"], grads["token", "4x1"]) > 1e-3
+
+
+def test_all_masked_micro_batch_contributes_zero(llama_tokenizer):
+    model = tiny_model(len(llama_tokenizer)).train()
+    ids = torch.randint(3, 200, (2, 12))
+    labels = ids.clone()
+    labels[0] = -100  # row 0: nothing supervised
+    labels[1, :8] = -100
+    target_index = torch.full_like(ids, -1)
+    target_index[1, 8:] = 0
+    batch = {"input_ids": ids, "labels": labels, "target_index": target_index}
+    for norm in ("token", "target"):
+        masked = {k: v[:1] for k, v in batch.items()}
+        assert supervised_count(masked, norm) == 0
+        loss, _ = target_only_loss(model, masked, norm, num_items=torch.tensor(5))
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        whole, _ = target_only_loss(model, batch, norm, num_items=torch.tensor(0))  # a whole step with nothing: no NaN
+        assert torch.isfinite(whole)
+        model.zero_grad()
+        # the masked row adds nothing: the batch's summed loss is the supervised row's
+        alone, _ = target_only_loss(model, {k: v[1:] for k, v in batch.items()}, norm, num_items=torch.tensor(7))
+        both, _ = target_only_loss(model, batch, norm, num_items=torch.tensor(7))
+        torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)
+
+
+class Bf16Probe(TrainerCallback):
+    """Records the dtype a LoRA-adapted projection computes in, and the dtypes of what trains."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
+        def record(module, inputs, output):
+            self.seen.setdefault("matmul", output.dtype)
+
+        layer.register_forward_hook(record)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        self.seen["optimizer_state"] = {t.dtype for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()}
+
+
+def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from manyicl import precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # autocast runs on any CPU, only slower
+    probe = Bf16Probe()
+    out = tmp_path / "bf16"
+    result = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, precision="bf16")),
+                   callbacks=[probe])
+    assert result.precision == "bf16" and json.loads((out / "train_summary.json").read_text())["precision"] == "bf16"
+    assert probe.seen["matmul"] == torch.bfloat16
+    assert probe.seen["trainable"] == {torch.float32} and probe.seen["optimizer_state"] == {torch.float32}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+    fp32 = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, tmp_path / "fp32", max_steps=2, precision="fp32")))
+    assert fp32.precision == "fp32"
+
+
+def test_precision_auto_and_bf16_requests(monkeypatch):
+    from manyicl import precision
+    from manyicl.errors import ManyICLError
+
+    model = tiny_model(100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.resolve_precision("auto", model) == "fp32"  # CPU: bf16 only when asked (docs/TRAINING.md)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_precision("bf16", model) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(ManyICLError, match="neither AVX-512 BF16 nor AMX"):
+        precision.resolve_precision("bf16", model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert precision.resolve_precision("auto", model) == "bf16"  # CUDA with bf16: autocast
+    assert precision.resolve_precision("fp32", model.to(torch.bfloat16)) == "bf16"  # weights already bf16
+
+
+@pytest.mark.parametrize("objective", ["zero_shot", "few_shot"])
+@pytest.mark.parametrize("normalization", ["token", "target"])
+def test_packed_units_equal_each_unit_alone(llama_tokenizer, data_dir, objective, normalization):
+    """Packed rows through the per-unit attention (no dense mask): the same loss as running every unit alone."""
+    task = load_task_dir(data_dir / "sst2")
+    builder = SequenceBuilder(task, llama_tokenizer, Formatter.for_task(task), 512, objective, n_shots=2)
+    model = tiny_model(len(llama_tokenizer))
+    assert supports_packed_attention(model, 512)
+    rows = [builder.build_packed(seed) for seed in (1, 2)]
+    item = lambda s, positions: {"input_ids": s.input_ids, "labels": s.labels, "target_index": s.target_index(),  # noqa: E731
+                                 "position_ids": positions, "sequence_id": 0, "task_id": 0}
+    packed = collate([item(s, s.position_ids) for s in rows], llama_tokenizer.pad_token_id)
+    assert packed["position_ids"].eq(0).sum() >= 5  # several units per row
+    with torch.no_grad(), packed_attention(model, 512) as used:
+        assert used and model.config._attn_implementation != "sdpa"
+        loss, _ = target_only_loss(model, packed, normalization, num_items=1)
+    assert model.config._attn_implementation == "sdpa"  # restored after the block
+    alone = 0.0
+    with torch.no_grad():
+        for seq in rows:
+            starts = [i for i, p in enumerate(seq.position_ids) if p == 0] + [seq.n_tokens]
+            for s, e in zip(starts, starts[1:]):
+                unit = {"input_ids": torch.tensor([seq.input_ids[s:e]]), "labels": torch.tensor([seq.labels[s:e]]),
+                        "target_index": torch.tensor([seq.target_index()[s:e]])}
+                unit["target_index"][unit["target_index"] >= 0] = 0  # one answer per unit
+                alone += float(target_only_loss(model, unit, normalization, num_items=1)[0])
+    assert float(loss) == pytest.approx(alone, rel=1e-5)
+
+
+def test_packed_attention_falls_back_where_it_would_differ(llama_tokenizer):
+    model = tiny_model(len(llama_tokenizer), arch="mistral", sliding_window=16)
+    with packed_attention(model, 512) as used:
+        assert not used and model.config._attn_implementation == "sdpa"
+
+
+ALLOCATOR_IN_COMPARE = """
+    import ctypes, json, sys, torch, yaml
+    import manyicl.compare as C
+    from manyicl.config import ExperimentConfig
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mmapped():  # is a freed 8 MB block's successor mmap-ed (returned to the OS) or kept in the heap?
+        torch.empty(40 << 20, dtype=torch.uint8)
+        before = libc.mallinfo2().hblkhd
+        block = torch.ones(8 << 20, dtype=torch.uint8)
+        return libc.mallinfo2().hblkhd - before >= 8 << 20
+
+    seen = []
+    original = C.run_evaluation
+    def probed(*args, **kwargs):
+        seen.append(mmapped())
+        return original(*args, **kwargs)
+    C.run_evaluation = probed
+    C.compare(ExperimentConfig.model_validate(yaml.safe_load(open(sys.argv[1]))), ["manyicl"])
+    print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator")
+def test_compare_releases_freed_memory_while_training_only(tiny_model_dir, tmp_path):
+    config = {
+        "model": {"name": str(tiny_model_dir)},
+        "tasks": {"meta_train": [{"name": "sym_topic", "synthetic": True}], "held_out": [{"name": "key_lookup", "synthetic": True}]},
+        "training": {"max_tokens": 128, "max_steps": 1, "gradient_checkpointing": True, "lora": {"r": 4, "alpha": 8}},
+        "evaluation": {"shots": [0], "seeds": [0], "max_queries": 4},
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(ALLOCATOR_IN_COMPARE), str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False]  # evaluation: large blocks kept in the heap
+    assert json.loads((tmp_path / "run/train/manyicl/train_summary.json").read_text())["released_freed_memory"] is True
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_model_dir, data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, report_to="tensorboard")))
+    events = list((out / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert "train/loss" in accumulator.Tags()["scalars"]
