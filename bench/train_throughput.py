@@ -7,8 +7,9 @@ Paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens:
   (z) packed zero-shot — isolated one-example units packed up to the length, attention within each unit
                        (src/manyicl/packing.py); (zd) the same rows through transformers' dense block mask
 (b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
-Precision: the rows above run fp32; (a) runs again with bf16 autocast (as ``training.precision: auto`` trains on
-a CPU with AVX-512 BF16/AMX) at both lengths, and (z)/(zd) run bf16 next to (a) bf16 at the short length.
+Precision: the rows above run fp32 (``training.precision: auto`` on CPU); (a) runs again with bf16 autocast
+(``precision: bf16``) at both lengths, and (z)/(zd) run in both precisions at the short length.
+packed_ratio: (z) / (a) tokens/s at the short length in fp32, the precision CPU runs train in.
 bf16_loss_diff: 30 steps of (a) at the short length in fp32 and in bf16 on the same sequences from the same
 LoRA initialisation, mean over steps of |loss_bf16 - loss_fp32| / loss_fp32.
 At the long length (a) and (c) also run with gradient checkpointing, the setting for long sequences, first with
@@ -20,7 +21,7 @@ target-only loss saves. Each configuration runs in its own process so peak memor
 
 Last line: RESULT answers_per_s_ratio=<a/b @1024> peak_mem_ratio_4096=<a/c, checkpointed, as manyicl trains>
 tokens_per_s_ratio=<a/c @4096> mfu=<a @4096> bf16_speedup_1024=<a bf16/fp32> bf16_speedup_4096=<a bf16/fp32>
-bf16_loss_diff=<30 steps> packed_ratio=<z/a tokens/s @1024, bf16>
+bf16_loss_diff=<30 steps> packed_ratio=<z/a tokens/s @1024, fp32>
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def main() -> None:
     # (path, tokens, gradient checkpointing, freed memory returned to the OS, precision)
     plan = [("a", short, 0, 0, "fp32"), ("b", short, 0, 0, "fp32"), ("c", short, 0, 0, "fp32"), ("a", long, 0, 0, "fp32"),
             ("c", long, 0, 0, "fp32"), ("a", long, 1, 0, "fp32"), ("c", long, 1, 0, "fp32"), ("a", long, 1, 1, "fp32"),
-            ("c", long, 1, 1, "fp32"), ("a", short, 0, 0, "bf16"), ("z", short, 0, 0, "bf16"), ("zd", short, 0, 0, "bf16"),
-            ("a", long, 0, 0, "bf16")]
+            ("c", long, 1, 1, "fp32"), ("z", short, 0, 0, "fp32"), ("zd", short, 0, 0, "fp32"), ("a", short, 0, 0, "bf16"),
+            ("z", short, 0, 0, "bf16"), ("zd", short, 0, 0, "bf16"), ("a", long, 0, 0, "bf16")]
     rows = {}
 
     def run(key: tuple, steps: int) -> dict:
@@ -170,9 +171,10 @@ def main() -> None:
     print(f"tokens/s (a)/(c): {ratio(f32('a', short), f32('c', short), 'tokens_per_s'):.3f} at {short}, "
           f"{ratio(f32('a', long), f32('c', long), 'tokens_per_s'):.3f} at {long}, "
           f"{ratio(f32('a', long, 1, 1), f32('c', long, 1, 1), 'tokens_per_s'):.3f} at {long} checkpointed + release")
-    print(f"packed zero-shot tokens/s / many_shot_all tokens/s at {short} (bf16): "
-          f"{ratio(b16('z', short), b16('a', short), 'tokens_per_s'):.3f} per-unit attention, "
-          f"{ratio(b16('zd', short), b16('a', short), 'tokens_per_s'):.3f} dense block mask")
+    for name, key in (("fp32", f32), ("bf16", b16)):
+        print(f"packed zero-shot tokens/s / many_shot_all tokens/s at {short} ({name}): "
+              f"{ratio(key('z', short), key('a', short), 'tokens_per_s'):.3f} per-unit attention, "
+              f"{ratio(key('zd', short), key('a', short), 'tokens_per_s'):.3f} dense block mask")
     print(
         f"RESULT answers_per_s_ratio={ratio(f32('a', short), f32('b', short), 'answers_per_s'):.2f} "
         f"peak_mem_ratio_{long}={ratio(f32('a', long, 1, 1), f32('c', long, 1, 1), 'peak_rss_mb'):.3f} "
@@ -180,7 +182,7 @@ def main() -> None:
         f"mfu={rows[f32('a', long)]['flops_per_s'] / peak:.3f} "
         f"bf16_speedup_{short}={ratio(b16('a', short), f32('a', short), 'tokens_per_s'):.2f} "
         f"bf16_speedup_{long}={ratio(b16('a', long), f32('a', long), 'tokens_per_s'):.2f} "
-        f"bf16_loss_diff={loss_diff:.4f} packed_ratio={ratio(b16('z', short), b16('a', short), 'tokens_per_s'):.3f}"
+        f"bf16_loss_diff={loss_diff:.4f} packed_ratio={ratio(f32('z', short), f32('a', short), 'tokens_per_s'):.3f}"
     )
 
 
