@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,29 +71,12 @@ def run_lm_eval(model, tokenizer, data: Path, shots: int, docs: int) -> tuple[fl
     """lm-evaluation-harness on the same model: (seconds per document, accuracy)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    from prompt_vs_lm_eval import sst2_task_manager  # the same task YAML (bench/ is on sys.path when run as a script)
 
-    folder = Path(tempfile.mkdtemp())
-    (folder / "manyicl_sst2.yaml").write_text(f"""task: manyicl_sst2
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {data / 'sst2' / 'train.jsonl'}
-    test: {data / 'sst2' / 'test.jsonl'}
-output_type: multiple_choice
-training_split: train
-fewshot_split: train
-test_split: test
-doc_to_text: "{{{{input}}}}\\nQuestion: Is this sentence positive or negative?\\nAnswer:"
-doc_to_target: "{{{{['negative', 'positive'].index(output)}}}}"
-doc_to_choice: ["negative", "positive"]
-metric_list:
-  - metric: acc
-""")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=8192)
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=["manyicl_sst2"], num_fewshot=shots, limit=docs,
-                                  task_manager=TaskManager(include_path=str(folder)), random_seed=0,
+                                  task_manager=sst2_task_manager(data / "sst2" / "train.jsonl", data / "sst2" / "test.jsonl"), random_seed=0,
                                   numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     seconds = time.perf_counter() - start
     return seconds / docs, out["results"]["manyicl_sst2"]["acc,none"]

@@ -50,16 +50,23 @@ metric_list:
 """
 
 
-def lm_eval_correct(model, tokenizer, train: Path, test: Path, shots: int, seed: int, docs: int) -> np.ndarray:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+def sst2_task_manager(train: Path, test: Path):
+    """An lm-eval TaskManager that knows ``manyicl_sst2``: its GLUE SST-2 prompt over local JSONL files (also used
+    by bench/eval_throughput.py)."""
     from lm_eval.tasks import TaskManager
 
     folder = Path(tempfile.mkdtemp())
     (folder / "manyicl_sst2.yaml").write_text(LM_EVAL_TASK.format(train=train, test=test))
+    return TaskManager(include_path=str(folder))
+
+
+def lm_eval_correct(model, tokenizer, train: Path, test: Path, shots: int, seed: int, docs: int) -> np.ndarray:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, max_length=8192)
     out = lm_eval.simple_evaluate(model=lm, tasks=["manyicl_sst2"], num_fewshot=shots, limit=docs, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(folder)), fewshot_random_seed=seed)
+                                  task_manager=sst2_task_manager(train, test), fewshot_random_seed=seed)
     samples = sorted(out["samples"]["manyicl_sst2"], key=lambda s: s["doc_id"])
     return np.array([float(s["acc"]) for s in samples])
 

@@ -41,7 +41,7 @@ class MixtureDataset(torch.utils.data.Dataset):
     examples from that task. Built lazily, so a run of any length starts at once and any rank can build any item."""
 
     def __init__(self, builders: dict[str, SequenceBuilder], weights: dict[str, float], n_sequences: int, seed: int, pack: bool):
-        self.builders, self.seed, self.pack, self.n = builders, seed, pack, n_sequences
+        self.builders, self.seed, self.n = builders, seed, n_sequences
         self.names = sorted(builders)
         self.weights = [weights[n] for n in self.names]
         # rows of packed isolated units (zero/few-shot): positions restart at every unit
