@@ -47,9 +47,18 @@ def test_synthetic_suite():
 def test_compare_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config(tiny_model_dir, out)))
+    cfg = config(tiny_model_dir, out, evaluation__shots=[0, 2, "max@384"])
+    cfg["tasks"]["distance"] = {"sym_topic": "near", "key_lookup": "far"}
+    path.write_text(yaml.safe_dump(cfg))
+    # stage 1 of a long run: the fine-tunes alone, no evaluation
+    result = run(path, "--train-only")
+    assert result.exit_code == 0, result.output
+    assert not (out / "results.json").exists() and (out / "train" / "manyicl" / "adapter").exists()
+    assert (out / "train" / "task_level" / "key_lookup" / "train_summary.json").exists()
+    trained = {p: p.stat().st_mtime for p in (out / "train").rglob("adapter_model.safetensors")}
     result = run(path)
     assert result.exit_code == 0, result.output
+    assert all(p.stat().st_mtime == t for p, t in trained.items())  # stage 2 reuses every fine-tune
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results}
     assert methods == {"base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl", "task_level"}
@@ -58,6 +67,14 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "Gap closed" in report and "Forgetting" in report and "supervised answers seen" in report
     assert "ManyICL against each method" in report and "95 % interval" in report
+    for section in ("## Method ordering", "## Past the training length", "## Training curves"):
+        assert section in report
+    assert "near average" in report and "far average" in report and "sym_topic (near)" in report
+    longer = [r for r in results if r["shots_requested"] == "max@384"]
+    assert longer and {r["max_tokens"] for r in longer} == {384}
+    assert all(r["shots"] > 2 for r in longer if r["task"] == "sym_topic")  # more demonstrations fit in 384 tokens
+    assert {r["seed"] for r in results if r["shots_requested"] == 0} == {0}  # nothing to draw at 0 shots: one cell
+    assert (out / "plots" / "training_curves.png").exists()
     findings = report.split("## What this run found")[1].split("##")[0]  # the report opens with what it found
     assert report.index("## What this run found") < report.index("## Held-out") and "ManyICL scores" in findings
     table = report.split("## Held-out tasks")[1].split("##")[0]
@@ -69,8 +86,8 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     # a rerun reuses every stage; adding a held-out task does only the missing work
     n = len(results)
     mtimes = {p: p.stat().st_mtime for p in (out / "train").rglob("adapter_model.safetensors")}
-    cfg = config(tiny_model_dir, out)
     cfg["tasks"]["held_out"].append({"name": "box_membership_nli", "synthetic": True})
+    cfg["tasks"]["distance"]["box_membership_nli"] = "far"
     path.write_text(yaml.safe_dump(cfg))
     assert run(path).exit_code == 0
     again = json.loads((out / "results.json").read_text())
@@ -85,6 +102,11 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     [
         ({"tasks__held_out": [{"name": "addition", "synthetic": True}]}, "'addition' is in both meta_train and held_out"),
         ({"compare__methods": ["base", "magic"]}, "unknown method 'magic'"),
+        ({"tasks__distance": {"sym_topic": "near", "addition": "far"}}, "tasks.distance: 'addition' is not a held-out task"),
+        ({"tasks__distance": {"sym_topic": "near"}}, "held-out task 'key_lookup' has no label; say near or far"),
+        ({"tasks__distance": {"sym_topic": "close", "key_lookup": "far"}}, "tasks.distance.sym_topic"),
+        ({"evaluation__shots": [0, "max@lots"]}, "evaluation.shots.1"),
+        ({"evaluation__shots": [0, "max@9000"]}, "a context of 9000 tokens exceeds the model's context length"),
     ],
 )
 def test_compare_bad_input(tiny_model_dir, tmp_path, extra, message):
@@ -98,8 +120,13 @@ def test_compare_bad_input(tiny_model_dir, tmp_path, extra, message):
 def test_compare_refuses_a_different_config(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, evaluation__max_queries=2)))
+    assert run(path, "--only", "base", "--train-only").exit_code == 0  # writes the config, evaluates nothing
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out)))
-    assert run(path, "--only", "base").exit_code == 0
+    assert run(path, "--only", "base").exit_code == 0  # nothing evaluated yet: an evaluation setting may still change
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, evaluation__max_queries=2)))
+    result = run(path, "--only", "base")
+    assert result.exit_code == 2 and "evaluation.max_queries differ" in result.stderr  # now records would mix
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__release_freed_memory=False)))
     assert run(path, "--only", "base").exit_code == 0  # a memory/speed setting: same results, accepted
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__learning_rate=0.1)))

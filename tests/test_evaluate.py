@@ -166,7 +166,7 @@ def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     tasks = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
     tasks += [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
     results = run_evaluation(config, tasks)
-    assert len(results) == 2 * 2 * 2 + 1 * 2
+    assert len(results) == 2 * (1 + 2) + 1 * 2  # 0 shots: one cell (no demonstrations to draw), 3 shots: one per seed
     r = results[0]
     for key in ("model", "adapter", "method", "task", "family", "metric", "shots", "seed", "value", "n", "prefix_tokens", "seconds"):
         assert key in r
@@ -275,7 +275,7 @@ def test_eval_on_two_ranks_merges_the_same_records(tiny_model_dir, data_dir, tmp
         return [{k: v for k, v in r.items() if k != "seconds"}
                 for r in json.loads((out / "results.json").read_text())]
 
-    assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "one")) == 2 * 2 * 2 + 2
+    assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "one")) == 2 * (1 + 2) + 2
     assert not list((tmp_path / "two").glob("results.rank*.json"))
     for f in (tmp_path / "one" / "predictions" / "base").iterdir():
         assert (tmp_path / "two" / "predictions" / "base" / f.name).read_text() == f.read_text()

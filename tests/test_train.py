@@ -57,6 +57,9 @@ def test_outputs(reference_run, tiny_model_dir):
     assert all(r["answers"] >= 1 and r["target_tokens"] >= r["answers"] and r["tokens"] > 0 for r in log)
     mixture = json.loads((out / "mixture.json").read_text())
     assert sum(m["sequences"] for m in mixture.values()) == 8 and set(mixture) == {"sst2", "rte", "gsm8k"}
+    # each step names the tasks it trained on (batch 1: one); their counts are the mixture's
+    assert all(len(r["tasks"]) == 1 for r in log)
+    assert {t: sum(r["tasks"] == [t] for r in log) for t in mixture} == {t: m["sequences"] for t, m in mixture.items()}
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["max_steps"] == 8
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
     assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -57,6 +57,13 @@ def load_tasks(config: ExperimentConfig, refs: list[Any]) -> list[Task]:
 
 def check_split(config: ExperimentConfig) -> None:
     train = [task_name(r) for r in config.tasks.meta_train]
+    held_out = [task_name(r) for r in config.tasks.held_out]
+    stray = [t for t in config.tasks.distance if t not in held_out]
+    if stray:
+        raise ManyICLError(f"tasks.distance: {stray[0]!r} is not a held-out task; list it under tasks.held_out or drop it")
+    if config.tasks.distance and len(config.tasks.distance) < len(held_out):
+        missing = next(t for t in held_out if t not in config.tasks.distance)
+        raise ManyICLError(f"tasks.distance: held-out task {missing!r} has no label; say near or far for every held-out task")
     held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
     both = sorted(set(train) & set(held))
     if both and not config.tasks.allow_overlap:

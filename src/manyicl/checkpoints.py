@@ -22,6 +22,8 @@ def config_hash(config: ExperimentConfig) -> str:
     data = drop_speed_settings(config.model_dump(mode="json"))
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
+    for key in ("held_out", "forgetting", "distance"):  # what is evaluated afterwards, not what is trained on
+        data.get("tasks", {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

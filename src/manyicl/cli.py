@@ -161,8 +161,9 @@ def predict(model, adapter, demos, inputs, shots, output, family, labels, max_to
 @_set_option
 @click.option("--only", multiple=True, help="Run only these methods (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace a run made with a different config.")
+@click.option("--train-only", is_flag=True, help="Only the fine-tunes (a stage of a long run); evaluate later.")
 @_friendly
-def compare_command(config, overrides, only, overwrite) -> None:
+def compare_command(config, overrides, only, overwrite, train_only) -> None:
     """The paper's comparison: base, zero/few/many-shot fine-tunes, ManyICL and task-level LoRA; then the report."""
     import time
 
@@ -170,8 +171,8 @@ def compare_command(config, overrides, only, overwrite) -> None:
     from manyicl.config import load_config
 
     started = time.perf_counter()
-    report = compare(load_config(config, list(overrides)), list(only) or None, overwrite)
-    click.echo(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
+    report = compare(load_config(config, list(overrides)), list(only) or None, overwrite, train_only)
+    click.echo(f"{'trained' if train_only else f'report: {report}'}  ({time.perf_counter() - started:.0f} s)")
 
 
 @main.command("report")

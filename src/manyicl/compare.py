@@ -25,16 +25,20 @@ import click
 from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import run_evaluation
+from manyicl.evaluation.runner import check_contexts
 from manyicl.report import summary_table
 from manyicl.files import write_atomic
 from manyicl.catalog import check_split, load_tasks, task_name
 from manyicl.methods import METHODS, MIXTURE_METHODS
 from manyicl.sequences import OBJECTIVES
 
-# Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not.
-RESULT_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
-               "tasks.synthetic_seed", "evaluation.max_queries", "evaluation.max_tokens", "evaluation.scoring", "evaluation.multiple_choice",
-               "evaluation.balance_labels", "evaluation.max_new_tokens", "compare.task_level_steps")
+# Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not. The
+# evaluation keys matter only once results.json holds records (a train-only stage has evaluated nothing yet).
+TRAIN_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
+              "tasks.synthetic_seed", "compare.task_level_steps")
+EVAL_KEYS = ("evaluation.max_queries", "evaluation.max_tokens", "evaluation.scoring", "evaluation.multiple_choice",
+             "evaluation.balance_labels", "evaluation.max_new_tokens")
+RESULT_KEYS = TRAIN_KEYS + EVAL_KEYS
 # (compare.task_level_shots may change: added shot counts are evaluated, finished ones kept)
 
 
@@ -57,7 +61,8 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
         return
     saved = drop_speed_settings(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     now = drop_speed_settings(config.model_dump(mode="json"))
-    differ = [k for k in RESULT_KEYS if _get(saved, k) != _get(now, k)]
+    keys = RESULT_KEYS if (out / "results.json").exists() else TRAIN_KEYS
+    differ = [k for k in keys if _get(saved, k) != _get(now, k)]
     if differ:
         raise ManyICLError(
             f"{out}: holds a run made with a different config ({', '.join(differ)} differ); use --overwrite to start "
@@ -73,7 +78,7 @@ def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = 
     tr["objective"] = METHODS[method].objective
     if method == "task_level":
         data["tasks"]["meta_train"] = [task]
-        data["tasks"]["held_out"], data["tasks"]["forgetting"] = [], []
+        data["tasks"]["held_out"], data["tasks"]["forgetting"], data["tasks"]["distance"] = [], [], {}
         tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
     tr["pack"] = OBJECTIVES[tr["objective"]].isolated
     return ExperimentConfig.model_validate(data)
@@ -91,7 +96,10 @@ def train_stage(config: ExperimentConfig) -> Path:
     return out / ("adapter" if config.training.finetune == "lora" else "model")
 
 
-def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: bool = False) -> Path:
+def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: bool = False,
+            train_only: bool = False) -> Path | None:
+    """Train and evaluate every method, then write the report; ``train_only``: the fine-tunes alone (a stage of a
+    long run), no evaluation and no report (returns None)."""
     methods = list(only or config.compare.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -101,6 +109,8 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     if any(m in MIXTURE_METHODS for m in methods) and not config.tasks.meta_train:
         raise ManyICLError("tasks.meta_train: the fine-tuned methods need a meta-train mixture")
     check_split(config)
+    if not train_only:
+        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots])
     out = Path(config.output_dir)
     check_same_experiment(out, config, overwrite)
     held = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
@@ -111,14 +121,20 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     for method in methods:
         click.echo(f"== {method}")
         if method == "base":
-            run_evaluation(config, held + forgetting, "base", None, out)
+            if not train_only:
+                run_evaluation(config, held + forgetting, "base", None, out)
         elif method == "task_level":
             for ref, (task, role) in zip(config.tasks.held_out, held):
                 adapter = train_stage(method_config(config, "task_level", out, ref))
-                run_evaluation(config, [(task, role)], "task_level", str(adapter), out, shots=config.compare.task_level_shots)
+                if not train_only:
+                    run_evaluation(config, [(task, role)], "task_level", str(adapter), out,
+                                   shots=config.compare.task_level_shots)
         else:
             adapter = train_stage(method_config(config, method, out))
-            run_evaluation(config, held + forgetting, method, str(adapter), out)
+            if not train_only:
+                run_evaluation(config, held + forgetting, method, str(adapter), out)
+    if train_only:
+        return None
 
     from manyicl.report import write_report
 

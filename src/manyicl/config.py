@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError, field_validator
 
 from manyicl.errors import ManyICLError
 from manyicl.families import FAMILIES, SCORINGS
@@ -79,6 +79,8 @@ class TasksConfig(Strict):
     meta_train: list[TaskRef] = Field(default_factory=list)
     held_out: list[TaskRef] = Field(default_factory=list)
     forgetting: list[TaskRef] = Field(default_factory=list)  # benchmarks outside the mixture, for forgetting
+    # held-out task -> "near" (a task of its kind is in the mixture) or "far" (none is); the report groups by it
+    distance: dict[str, Literal["near", "far"]] = Field(default_factory=dict)
     allow_overlap: bool = False  # allow a task in both meta_train and held_out (normally an error)
     max_train_examples: int | None = None  # cap per task, for quick runs
     synthetic_seed: int = 0
@@ -132,9 +134,13 @@ class TrainingConfig(Strict):
     report_to: Union[str, list[str]] = "none"
 
 
+# a demonstration count, "max" (as many as fit in evaluation.max_tokens) or "max@4096" (as many as fit in 4,096)
+Shots = Union[Annotated[int, Field(ge=0)], Annotated[str, StringConstraints(pattern=r"^max(@[1-9][0-9]*)?$")]]
+
+
 class EvaluationConfig(Strict):
-    shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0, 4, 16, "max"])
-    forgetting_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [5])  # for tasks.forgetting
+    shots: list[Shots] = Field(default_factory=lambda: [0, 4, 16, "max"])
+    forgetting_shots: list[Shots] = Field(default_factory=lambda: [5])  # for tasks.forgetting
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # demonstration draws per (task, shots)
     max_queries: int | None = Field(200, gt=0)  # test queries per cell (None: all); a 0/1 metric's interval is ±0.07 at 200
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
@@ -153,7 +159,7 @@ class CompareConfig(Strict):
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     task_level_steps: int | None = None  # default: training.max_steps
     # the dedicated model is the zero-shot reference; add shot counts to also prompt it with demonstrations
-    task_level_shots: list[Union[int, Literal["max"]]] = Field(default_factory=lambda: [0])
+    task_level_shots: list[Shots] = Field(default_factory=lambda: [0])
 
     @field_validator("methods")
     @classmethod

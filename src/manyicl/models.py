@@ -156,6 +156,14 @@ def load_adapter(model: Any, adapter: str, base_name: str) -> Any:
         raise ManyICLError(f"adapter {adapter!r} does not fit model {base_name!r}: {str(e).splitlines()[0][:200]}") from None
 
 
+def context_length(name: str, trust_remote_code: bool = False) -> int | None:
+    """The model's longest context (max_position_embeddings), read from its config alone; None if it does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _signature_of(config: Any) -> tuple:
     return (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
 

@@ -20,8 +20,12 @@ from manyicl.uncertainty import Estimate, average_interval, interval_of, paired_
 METHOD_ORDER = list(METHODS)
 
 
-def _shots_key(k: Any) -> float:
-    return float("inf") if k == "max" else float(k)
+def _shots_key(k: Any) -> tuple[int, int]:
+    """Counts in order, then "max", then "max@N" by N (contexts longer than the evaluation budget)."""
+    k = str(k)
+    if k.startswith("max@"):
+        return (2, int(k[4:]))
+    return (1, 0) if k == "max" else (0, int(k))
 
 
 @dataclass
@@ -91,8 +95,30 @@ def _methods(results: list[dict]) -> list[str]:
 
 
 def headline_shots(results: list[dict], role: str = "held_out") -> str:
-    """The largest shot count requested (``max`` if it was): where many-shot methods are compared."""
-    return str(max({r["shots_requested"] for r in results if r.get("role", "held_out") == role}, key=_shots_key))
+    """The largest shot count requested within the evaluation budget (``max`` if it was): where many-shot methods
+    are compared. ``max@N`` cells (longer contexts) have their own section."""
+    requested = {str(r["shots_requested"]) for r in results if r.get("role", "held_out") == role}
+    return max([k for k in requested if "@" not in k] or requested, key=_shots_key)
+
+
+def _distances(run_dir: Path) -> dict[str, str]:
+    """Held-out task -> near/far, from the run's config (tasks.distance); empty when the run did not say."""
+    import yaml
+
+    path = run_dir / "compare_config.yaml"
+    if not path.exists():
+        return {}
+    return dict(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("tasks") or {}).get("distance") or {})
+
+
+def _groups(tasks: list[str], distance: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The averages every table reports: all held-out tasks, then near and far where the config labels them."""
+    groups = [("average", tasks)]
+    for kind in ("near", "far"):
+        members = [t for t in tasks if distance.get(t) == kind]
+        if members and len(members) < len(tasks):
+            groups.append((f"{kind} average", members))
+    return groups
 
 
 def cell_at(cells: dict, method: str, task: str, shots: str) -> Cell | None:
@@ -123,18 +149,23 @@ def write_report(run_dir: str | Path) -> Path:
     held = sorted({r["task"] for r in results if r.get("role", "held_out") == "held_out"})
     forgetting = sorted({r["task"] for r in results if r.get("role") == "forgetting"})
     shots = headline_shots(results) if held else "0"
-    comparisons = paired_comparisons(cells, methods, held, shots) if held else []
+    groups = _groups(held, _distances(run_dir))
+    comparisons = paired_comparisons(cells, methods, held, shots, groups) if held else []
     lines = [f"# ManyICL comparison: {run_dir.name}", ""]
     lines += _findings(cells, methods, held, shots, comparisons)
     lines += _setup_lines(run_dir, results, methods)
     if held:
-        lines += _main_table(cells, methods, held, shots)
-        lines += _comparisons(comparisons, methods, held, shots)
+        lines += _main_table(cells, methods, held, shots, _distances(run_dir))
+        lines += _ordering(cells, methods, held, shots)
+        lines += _comparisons(comparisons, methods, held, shots, groups)
         lines += _gap_closed(cells, held, shots)
+        lines += _longer_contexts(cells, methods, held, results, shots)
     if forgetting:
         lines += _forgetting_table(cells, methods, forgetting, headline_shots(results, "forgetting"))
     lines += _flagged(results)
-    plots = _plots(run_dir, cells, methods, held, shots)
+    curves = _training_curves(run_dir)
+    lines += curves[0]
+    plots = _plots(run_dir, cells, methods, held, shots) + curves[1]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
     lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
     report = run_dir / "report.md"
@@ -170,19 +201,23 @@ def _setup_lines(run_dir: Path, results: list[dict], methods: list[str]) -> list
     return lines
 
 
-def _main_table(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[str]:
+def _main_table(cells: dict, methods: list[str], tasks: list[str], shots: str, distance: dict[str, str]) -> list[str]:
     lines = [f"## Held-out tasks at {shots} shots", "",
-             "Primary metric (task_level: its 0-shot value, the dedicated-model reference).", "",
+             "Primary metric (task_level: its 0-shot value, the dedicated-model reference)."
+             + (" near: a task of the same kind is in the mixture; far: none is." if distance else ""), "",
              "| task | family | metric | " + " | ".join(methods) + " |", "|---|---|---|" + "---:|" * len(methods)]
     by_family: dict[str, list[str]] = {}
     for t in tasks:
         row = [cell_at(cells, m, t, shots) for m in methods]
         first = next(c for c in row if c).first
         by_family.setdefault(first["family"], []).append(t)
-        lines.append(f"| {t} | {first['family']} | {first['metric']} | " + " | ".join(
+        kind = f" ({distance[t]})" if t in distance else ""
+        lines.append(f"| {t}{kind} | {first['family']} | {first['metric']} | " + " | ".join(
             _fmt(c.estimate()) + (" ⚠" if any(r.get("collapsed") for r in c.records) else "") if c else "–"
             for c in row) + " |")
-    groups = sorted(by_family.items()) + ([("all held-out", tasks)] if len(by_family) > 1 else [])
+    groups = sorted(by_family.items())
+    if len(by_family) > 1:
+        groups += [(name.replace("average", "held-out"), members) for name, members in _groups(tasks, distance)]
     for name, members in groups:
         lines.append(f"| **{name} average** | | | " + " | ".join(f"**{_fmt(_average(cells, m, members, shots))}**"
                                                                for m in methods) + " |")
@@ -197,25 +232,99 @@ def _average(cells: dict, method: str, tasks: list[str], shots: str) -> Estimate
     return average_interval([list(c.rows.values()) for c in members], [c.from_means for c in members])
 
 
-def paired_comparisons(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[tuple[str, str, Any, bool]]:
-    """manyicl − every other method, per task and on the average over tasks, on the same queries and seeds:
-    (method, task or "average", Comparison, significant after Benjamini-Hochberg over all of them)."""
+def _paired_over(cells: dict, a: str, b: str, tasks: list[str], shots: str, b_shots: str | None = None) -> Any | None:
+    """a − b (b at ``b_shots`` if given) on the average over tasks, paired bootstrap on the same queries and seeds;
+    None unless every task has both cells."""
+    pairs, fns = [], []
+    for t in tasks:
+        ca, cb = cell_at(cells, a, t, shots), cell_at(cells, b, t, b_shots or shots)
+        paired = _paired(ca, cb) if ca and cb else None
+        if paired is None:
+            return None
+        pairs.append(paired)
+        fns.append(ca.from_means)
+    return paired_average(pairs, fns)
+
+
+def paired_comparisons(cells: dict, methods: list[str], tasks: list[str], shots: str,
+                       groups: list[tuple[str, list[str]]] | None = None) -> list[tuple[str, str, Any, bool]]:
+    """manyicl − every other method, per task and on the averages (all held-out tasks, and near/far where labelled),
+    on the same queries and seeds: (method, task or group name, Comparison, significant after Benjamini-Hochberg
+    over all of them)."""
     if "manyicl" not in methods:
         return []
     table: list[tuple[str, str, Any]] = []
     for m in (m for m in methods if m != "manyicl"):
-        pairs, fns = [], []
         for t in tasks:
-            a, b = cell_at(cells, "manyicl", t, shots), cell_at(cells, m, t, shots)
-            paired = _paired(a, b) if a and b else None
-            if paired is not None:
-                pairs.append(paired)
-                fns.append(a.from_means)
-                table.append((m, t, paired_average([paired], [a.from_means])))
-        if len(pairs) > 1:
-            table.append((m, "average", paired_average(pairs, fns)))
+            c = _paired_over(cells, "manyicl", m, [t], shots)
+            if c is not None:
+                table.append((m, t, c))
+        for name, members in groups or [("average", tasks)]:
+            c = _paired_over(cells, "manyicl", m, members, shots) if len(tasks) > 1 else None
+            if c is not None:
+                table.append((m, name, c))
     marks = significant([c.p_value for _, _, c in table])
     return [(m, t, c, mark) for (m, t, c), mark in zip(table, marks)]
+
+
+def _ordering(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[str]:
+    """Every method by its held-out average, and every pair's paired difference (Benjamini-Hochberg over the pairs):
+    which steps of the ordering the data actually resolve."""
+    if len(tasks) < 2:
+        return []
+    averages = {m: _average(cells, m, tasks, shots) for m in methods}
+    ranked = sorted((m for m in methods if averages[m]), key=lambda m: -averages[m].value)
+    pairs = [(a, b, _paired_over(cells, a, b, tasks, shots)) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
+    pairs = [(a, b, c) for a, b, c in pairs if c is not None]
+    if len(ranked) < 2 or not pairs:
+        return []
+    marks = dict(zip([(a, b) for a, b, _ in pairs], significant([c.p_value for *_, c in pairs])))
+    chain = ranked[0]
+    for a, b in zip(ranked, ranked[1:]):
+        chain += (" > " if marks.get((a, b)) else " ≈ ") + b
+    lines = [f"## Method ordering (average over the {len(tasks)} held-out tasks, {shots} shots)", "",
+             f"{chain}   (> : the neighbours differ significantly; ≈ : they cannot be told apart here)", "",
+             "Every pair, higher-ranked − lower-ranked, paired on the same queries and seeds (95 % interval, p; **bold** "
+             "= significant after Benjamini-Hochberg over these pairs):", "",
+             "| method | average | " + " | ".join(ranked[1:]) + " |", "|---|---:|" + "---:|" * (len(ranked) - 1)]
+    found = {(a, b): c for a, b, c in pairs}
+    for a in ranked:
+        row = []
+        for b in ranked[1:]:
+            c = found.get((a, b))
+            text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}" if c else ""
+            row.append(f"**{text}**" if c and marks[(a, b)] else text)
+        lines.append(f"| {a} | {_fmt(averages[a])} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _longer_contexts(cells: dict, methods: list[str], tasks: list[str], results: list[dict], shots: str) -> list[str]:
+    """``max@N`` against the headline shot count: does in-context learning keep improving in contexts longer than the
+    evaluation budget (set to the training length: longer than anything seen in training)?"""
+    longer = sorted({str(r["shots_requested"]) for r in results if str(r["shots_requested"]).startswith("max@")},
+                    key=_shots_key)
+    if not longer:
+        return []
+    budget = next((r["max_tokens"] for r in results if str(r["shots_requested"]) == shots), "?")
+    lines = [f"## Past the training length: {shots} shots in {budget} tokens against longer contexts", "",
+             "Average over the held-out tasks (mean demonstrations used in brackets); difference = longer − "
+             f"{shots}, paired on the same queries and seeds (**bold**: significant after Benjamini-Hochberg over this "
+             "table).", "",
+             f"| method | {shots} | " + " | ".join(longer) + " | " + " | ".join(f"{k} − {shots}" for k in longer) + " |",
+             "|---|---:|" + "---:|" * (2 * len(longer))]
+    rows = []
+    for m in (m for m in methods if m != "task_level"):
+        estimates = [_average(cells, m, tasks, k) for k in [shots] + longer]
+        used = [np.mean([cells[m, t, k].shots for t in tasks if (m, t, k) in cells] or [0]) for k in [shots] + longer]
+        rows.append((m, estimates, used, [_paired_over(cells, m, m, tasks, k, shots) for k in longer]))
+    marks = iter(significant([d.p_value for *_, ds in rows for d in ds if d is not None]))
+    for m, estimates, used, diffs in rows:
+        text = [f"{_fmt(e)} ({u:.0f})" if e else "–" for e, u in zip(estimates, used)]
+        for d in diffs:
+            diff = f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "–"
+            text.append(f"**{diff}**" if d and next(marks) else diff)
+        lines.append(f"| {m} | " + " | ".join(text) + " |")
+    return lines + [""]
 
 
 def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, comparisons: list) -> list[str]:
@@ -246,16 +355,18 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
     return ["## What this run found", "", first + " " + second, ""]
 
 
-def _comparisons(comparisons: list, methods: list[str], tasks: list[str], shots: str) -> list[str]:
+def _comparisons(comparisons: list, methods: list[str], tasks: list[str], shots: str,
+                 groups: list[tuple[str, list[str]]]) -> list[str]:
     if not comparisons:
         return []
+    names = [name for name, _ in groups]
     lines = [f"## ManyICL against each method ({shots} shots, paired on the same queries and seeds)", "",
              "Difference manyicl − method with its 95 % paired-bootstrap interval; **bold** = significant after "
              "Benjamini-Hochberg over this table (q < 0.05); otherwise the two are not distinguishable here.", "",
-             "| method | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
+             "| method | " + " | ".join(tasks + names) + " |", "|---|" + "---:|" * (len(tasks) + len(names))]
     for m in (m for m in methods if m != "manyicl"):
         row = []
-        for t in tasks + ["average"]:
+        for t in tasks + names:
             hit = [(c, mark) for mm, tt, c, mark in comparisons if mm == m and tt == t]
             if not hit:
                 row.append("–")
@@ -318,6 +429,66 @@ def _forgetting_table(cells: dict, methods: list[str], tasks: list[str], shots: 
             text = f"**{text}**" if next(marks) else text
         lines.append(f"| {t} | {m} | {_fmt(base.estimate() if base else None)} | {_fmt(cell.estimate())} | {text} |")
     return lines + [""]
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _tasks_learned(log: list[dict]) -> str:
+    """"k of n": tasks whose single-task steps have a lower mean loss in their second half than in their first."""
+    by_task: dict[str, list[float]] = {}
+    for r in log:
+        if len(r.get("tasks") or []) == 1:
+            by_task.setdefault(r["tasks"][0], []).append(r["loss"])
+    halves = [(np.mean(v[: len(v) // 2]), np.mean(v[len(v) // 2:])) for v in by_task.values() if len(v) >= 2]
+    return f"{sum(b < a for a, b in halves)} of {len(halves)}" if halves else "–"
+
+
+def _training_curves(run_dir: Path) -> tuple[list[str], list[Path]]:
+    """Every fine-tune's loss by step (plot) and, per run, its steps and the loss at the start and the end (mean of
+    the first and the last tenth of the steps): whether a fine-tune learned, and whether it had converged."""
+    logs = {p.parent.relative_to(run_dir / "train").as_posix(): _read_log(p)
+            for p in sorted((run_dir / "train").glob("**/train_log.jsonl"))}
+    logs = {name: log for name, log in logs.items() if log}
+    if not logs:
+        return [], []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["## Training curves", "",
+             "Loss of each fine-tune (its objective's supervised tokens); start/end = mean over the first/last tenth of "
+             "its steps. Tasks learned: on how many of the mixture's tasks the loss of the steps that trained on that task "
+             "alone fell from the first half of those steps to the second (one task per step: the tasks differ in "
+             "loss more than the steps do, so the mean curve alone cannot tell).", "",
+             "| fine-tune | steps | loss at start | loss at end | tasks learned |", "|---|---:|---:|---:|---:|"]
+    groups = {"mixture": {n: g for n, g in logs.items() if not n.startswith("task_level/")},
+              "task_level": {n.split("/", 1)[1]: g for n, g in logs.items() if n.startswith("task_level/")}}
+    groups = {k: v for k, v in groups.items() if v}
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.6), squeeze=False)
+    for ax, (group, runs) in zip(axes.flat, groups.items()):
+        for name, log in runs.items():
+            steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
+            tenth = max(1, len(losses) // 10)
+            label = name if group == "mixture" else f"task_level/{name}"
+            lines.append(f"| {label} | {steps[-1]} | {np.mean(losses[:tenth]):.3f} | {np.mean(losses[-tenth:]):.3f} | "
+                         f"{_tasks_learned(log)} |")
+            window = max(1, len(losses) // 20)  # a running mean: one step's loss depends on its sequence
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, label=name)
+        ax.set_title("mixture fine-tunes" if group == "mixture" else "task_level (one per held-out task)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (running mean)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    path = plot_dir / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return lines + [""], [path]
 
 
 def _flagged(results: list[dict]) -> list[str]:

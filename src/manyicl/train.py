@@ -53,6 +53,9 @@ class ManyICLTrainer(Trainer):
         self.step_stats = Counter()
         self.task_stats: dict[str, Counter] = {n: Counter() for n in self.task_names}
         self.seen_sequences: list[int] = []
+        # the tasks of this rank's sequences in the current step (train_log.jsonl: per-task loss curves)
+        self.step_tasks: list[str] = []
+        self.last_step_tasks: list[str] = []
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
@@ -80,6 +83,7 @@ class ManyICLTrainer(Trainer):
             answers_per_row = inputs["target_index"].max(dim=1).values + 1  # answers are numbered 0..k-1
             for tid, answers in zip(task_ids.tolist(), answers_per_row.tolist()):
                 self.task_stats[self.task_names[tid]].update(sequences=1, answers=answers)
+                self.step_tasks.append(self.task_names[tid])
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -87,6 +91,7 @@ class ManyICLTrainer(Trainer):
             counts = _sum_over_ranks([self.step_stats[k] for k in ("tokens", "target_tokens", "answers")])
             logs.update(tokens=int(counts[0]), target_tokens=int(counts[1]), answers=int(counts[2]))
             self.step_stats.clear()
+            self.step_tasks, self.last_step_tasks = [], self.step_tasks
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
@@ -103,8 +108,9 @@ class ManyICLTrainer(Trainer):
 class TrainLog(TrainerCallback):
     """One JSON line per optimizer step in train_log.jsonl, and a progress bar with loss and tokens/s."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trainer: ManyICLTrainer | None = None):
         self.path = path
+        self.trainer = trainer  # for the tasks of each step
         self.bar: tqdm | None = None
         self.last = time.perf_counter()
 
@@ -127,6 +133,8 @@ class TrainLog(TrainerCallback):
             "answers": logs.get("answers"),
             "seconds": round(now - self.last, 3),
         }
+        if self.trainer is not None:  # rank 0's sequences of the step (all of them on one process)
+            record["tasks"] = sorted(set(self.trainer.last_step_tasks))
         self.last = now
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -233,7 +241,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     trainer.config_hash = chash
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    trainer.add_callback(TrainLog(out / "train_log.jsonl"))
+    trainer.add_callback(TrainLog(out / "train_log.jsonl", trainer))
     for callback in callbacks:
         trainer.add_callback(callback)
 

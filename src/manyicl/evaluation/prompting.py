@@ -32,8 +32,17 @@ class EncodedQuery:
     answer_chars: list[int]
 
 
+def shot_budget(shots: int | str, max_tokens: int) -> tuple[int | str, int]:
+    """A requested shot count and the context budget it is evaluated in: ``max@4096`` is as many demonstrations as
+    fit in 4,096 tokens (e.g. twice the training length, to see whether in-context learning extends past it);
+    ``max`` and plain counts use the evaluation budget."""
+    if isinstance(shots, str) and shots.startswith("max@"):
+        return "max", int(shots[4:])
+    return shots, max_tokens
+
+
 def check_shots(task: Task, shots: int | str) -> None:
-    if shots != "max" and shots > len(task.train):
+    if isinstance(shots, int) and shots > len(task.train):
         raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split ({len(task.train)} examples); lower it")
 
 

@@ -19,7 +19,7 @@ import torch
 from manyicl.errors import ManyICLError
 from manyicl.evaluation.backend_hf import hf_backend
 from manyicl.evaluation.cells import evaluate_cell
-from manyicl.evaluation.prompting import Prompter, answer_form, check_shots
+from manyicl.evaluation.prompting import Prompter, answer_form, check_shots, shot_budget
 from manyicl.families import FAMILIES
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
@@ -57,6 +57,19 @@ def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], mul
         if q.output not in labels:
             where = q.source or task.name
             raise ManyICLError(f"{where}: gold label {q.output!r} is not in the label set {list(labels)}; add it to task.yaml labels")
+
+
+def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
+    """Before any work: every context the evaluation asks for (the budget, and each ``max@N``) fits the model."""
+    from manyicl.models import context_length
+
+    ev = config.evaluation
+    budget = ev.max_tokens or config.training.max_tokens
+    longest = max(shot_budget(k, budget)[1] for k in [*(shots or ev.shots), *ev.forgetting_shots, 0])
+    context = context_length(config.model.name, config.model.trust_remote_code)
+    if context and longest > context:
+        raise ManyICLError(f"evaluation: a context of {longest} tokens exceeds the model's context length ({context}); "
+                           f"lower evaluation.max_tokens or the max@ shots")
 
 
 def load_results(path: Path) -> list[dict]:
@@ -116,8 +129,10 @@ def run_evaluation(
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
         check_golds(task, queries, tuple(task.labels or ()), ev.multiple_choice)
         for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
-            check_shots(task, k)
-            plan += [Cell(task, role, queries, k, seed) for seed in ev.seeds]
+            check_shots(task, shot_budget(k, max_tokens)[0])
+            # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
+            plan += [Cell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
+    check_contexts(config, shots)
     keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
     results = load_results(results_path)
     if world == 1 and _partials(out):  # records of an interrupted multi-rank run
@@ -134,10 +149,8 @@ def run_evaluation(
         model.eval()
         if torch.cuda.is_available():  # one GPU per rank under accelerate launch
             model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context and max_tokens > context:
-            raise ManyICLError(f"evaluation.max_tokens={max_tokens} exceeds the model's context length ({context}); lower it")
-        backend = hf_backend(model, tokenizer, max_tokens, ev.prefix_cache, ev.batch_tokens)
+        longest = max(shot_budget(c.shots, max_tokens)[1] for c in mine)
+        backend = hf_backend(model, tokenizer, longest, ev.prefix_cache, ev.batch_tokens)
         # one process writes results.json as it goes; several ranks each keep their own partial file
         own_path = results_path if world == 1 else out / f"results.rank{rank}.json"
         own = results if world == 1 else load_results(own_path)
@@ -170,9 +183,10 @@ def _fold_partials(out: Path, results_path: Path, results: list[dict], keys: lis
 def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
               adapter: str | None, out: Path) -> dict:
     ev, task = config.evaluation, cell.task
+    shots, max_tokens = shot_budget(cell.shots, max_tokens)
     formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
     prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family), ev.multiple_choice)
-    demos = prompter.choose_demonstrations(cell.shots, cell.seed, ev.balance_labels, cell.queries)
+    demos = prompter.choose_demonstrations(shots, cell.seed, ev.balance_labels, cell.queries)
     output = evaluate_cell(backend, prompter, demos, cell.queries, ev.scoring)
     predictions = Path("predictions") / method / f"{task.name}_shots{cell.shots}_seed{cell.seed}.jsonl"
     write_atomic(out / predictions, "".join(
