@@ -183,6 +183,27 @@ def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     assert len(again) == len(results) and again[:-1] == results[:-1]
 
 
+def test_cells_with_the_same_prompts_are_run_once(tiny_model_dir, data_dir, tmp_path):
+    """100 shots where only a few fit is the max cell: run once, recorded twice; the same as running max alone."""
+    from manyicl.catalog import load_tasks
+
+    def evaluate(out, shots):
+        cfg = tiny_config(tiny_model_dir, data_dir, out)
+        cfg["tasks"].update(held_out=["sst2"])
+        cfg["evaluation"] = {"shots": shots, "seeds": [0], "max_queries": 3, "max_tokens": 256}
+        config = ExperimentConfig.model_validate(cfg)
+        return run_evaluation(config, [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)])
+
+    with pytest.warns(UserWarning, match="only"):
+        both = {r["shots_requested"]: r for r in evaluate(tmp_path / "both", [100, "max"])}
+    alone = evaluate(tmp_path / "alone", ["max"])[0]
+    assert both["max"]["same_prompts_as"] == 100 and both["max"]["seconds"] == 0.0 and "same_prompts_as" not in both[100]
+    for key in ("shots", "value", "ci_low", "ci_high", "prefix_tokens"):
+        assert both[100][key] == both["max"][key] == alone[key]
+    read = lambda out, r: (out / r["predictions"]).read_text()  # noqa: E731
+    assert read(tmp_path / "both", both["max"]) == read(tmp_path / "both", both[100]) == read(tmp_path / "alone", alone)
+
+
 def test_query_overflow_is_skipped_and_counted(tiny, tmp_path):
     model, tokenizer = tiny
     d = write_task(tmp_path / "t", [{"input": f"x{i}", "output": "yes" if i % 2 else "no"} for i in range(10)],

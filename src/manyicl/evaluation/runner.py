@@ -154,8 +154,10 @@ def run_evaluation(
         # one process writes results.json as it goes; several ranks each keep their own partial file
         own_path = results_path if world == 1 else out / f"results.rank{rank}.json"
         own = results if world == 1 else load_results(own_path)
+        # a cell whose prompts equal an earlier cell's (32 shots where only 24 fit = max) reuses its outputs
+        same_prompts: dict[tuple, tuple[Any, Any]] = {}
         for cell in tqdm(mine, desc=f"eval {method}", unit="cell", dynamic_ncols=True, disable=rank != 0):
-            own.append(_run_cell(config, cell, backend, tokenizer, max_tokens, method, adapter, out))
+            own.append(_run_cell(config, cell, backend, tokenizer, max_tokens, method, adapter, out, same_prompts))
             write_atomic(own_path, json.dumps(own, indent=1, ensure_ascii=False))
     if world > 1:
         import torch.distributed as dist
@@ -181,13 +183,20 @@ def _fold_partials(out: Path, results_path: Path, results: list[dict], keys: lis
 
 
 def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
-              adapter: str | None, out: Path) -> dict:
+              adapter: str | None, out: Path, same_prompts: dict | None = None) -> dict:
     ev, task = config.evaluation, cell.task
     shots, max_tokens = shot_budget(cell.shots, max_tokens)
     formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
     prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family), ev.multiple_choice)
     demos = prompter.choose_demonstrations(shots, cell.seed, ev.balance_labels, cell.queries)
-    output = evaluate_cell(backend, prompter, demos, cell.queries, ev.scoring)
+    prompts = (task.name, cell.role, max_tokens, tuple((d.input, d.output) for d in demos))
+    reused_from = None
+    if same_prompts is not None and prompts in same_prompts:
+        reused_from, output = same_prompts[prompts]
+    else:
+        output = evaluate_cell(backend, prompter, demos, cell.queries, ev.scoring)
+        if same_prompts is not None:
+            same_prompts[prompts] = (cell.shots, output)
     predictions = Path("predictions") / method / f"{task.name}_shots{cell.shots}_seed{cell.seed}.jsonl"
     write_atomic(out / predictions, "".join(
         json.dumps({"input": p.input, "prediction": p.prediction, "golds": list(p.golds), "skipped": p.skipped,
@@ -209,5 +218,7 @@ def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens:
         record.update(demo_labels=output.demo_labels, prediction_counts=output.prediction_counts,
                       gold_counts=output.gold_counts, collapsed=output.collapsed)
     record.update(predictions=predictions.as_posix(), prefix_cache=ev.prefix_cache, backend=type(backend).__name__,
-                  seconds=round(output.seconds, 2))
+                  seconds=0.0 if reused_from is not None else round(output.seconds, 2))
+    if reused_from is not None:  # the same demonstrations and queries as that cell: its outputs, not a new run
+        record["same_prompts_as"] = reused_from
     return record
