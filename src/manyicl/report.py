@@ -152,7 +152,7 @@ def write_report(run_dir: str | Path) -> Path:
     groups = _groups(held, _distances(run_dir))
     comparisons = paired_comparisons(cells, methods, held, shots, groups) if held else []
     lines = [f"# ManyICL comparison: {run_dir.name}", ""]
-    lines += _findings(cells, methods, held, shots, comparisons)
+    lines += _findings(cells, methods, held, shots, comparisons, groups)
     lines += _setup_lines(run_dir, results, methods)
     if held:
         lines += _main_table(cells, methods, held, shots, _distances(run_dir))
@@ -327,7 +327,8 @@ def _longer_contexts(cells: dict, methods: list[str], tasks: list[str], results:
     return lines + [""]
 
 
-def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, comparisons: list) -> list[str]:
+def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, comparisons: list,
+              groups: list[tuple[str, list[str]]] = ()) -> list[str]:
     """What the run found, in two sentences: ManyICL's held-out average, which methods it beats, trails or cannot
     be told from (paired tests), and how much of the gap to the dedicated fine-tune it closes."""
     if "manyicl" not in methods or not tasks:
@@ -340,9 +341,11 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
             kind = "not distinguishable from" if not mark else ("better than" if c.difference > 0 else "worse than")
             verdicts[kind].append(f"{m} ({c.difference:+.3f})")
     said = "; ".join(f"{kind} {', '.join(ms)}" for kind, ms in verdicts.items() if ms)
+    parts = [f"{len(members)} {name.split()[0]}: {_fmt(_average(cells, 'manyicl', members, shots))}"
+             for name, members in groups if name != "average" and _average(cells, "manyicl", members, shots)]
     first = (f"On {len(tasks)} held-out task{'s' if len(tasks) > 1 else ''} at {shots} shots ManyICL scores "
-             f"{_fmt(average) if average else '–'} on average: {said or 'no other method to compare with'} "
-             f"(paired tests on the same queries, Benjamini-Hochberg).")
+             f"{_fmt(average) if average else '–'} on average{' (' + '; '.join(parts) + ')' if parts else ''}: "
+             f"{said or 'no other method to compare with'} (paired tests on the same queries, Benjamini-Hochberg).")
     gaps = []
     for t in tasks:
         b, mi, tl = (cell_at(cells, x, t, shots) for x in ("base", "manyicl", "task_level"))
