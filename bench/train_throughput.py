@@ -61,6 +61,7 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     from manyicl.memory import release_freed_memory
     from manyicl.models import load_model, load_tokenizer
     from manyicl.packing import packed_attention
+    from manyicl.precision import keep_lora_sums_fp32
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
     from manyicl.data import collate
@@ -75,6 +76,8 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model = load_model("smollm2-135m")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if precision == "bf16":
+        keep_lora_sums_fp32(model)  # as manyicl trains in bf16
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -120,19 +123,38 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     }
 
 
+def run_one(key: tuple, steps: int, data: str) -> dict:
+    """One row in a fresh process (so peak RSS is that row's alone)."""
+    path, length, gc, release, precision = key
+    out = subprocess.run([sys.executable, __file__, "--one", path, str(length), str(gc), str(release), precision,
+                          "--steps", str(steps), "--data", data], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--curve-steps", type=int, default=30, help="steps of the fp32 vs bf16 loss curves")
+    parser.add_argument("--curves-only", action="store_true",
+                        help="only the fp32 vs bf16 loss curves at the short length (bf16_loss_diff, and the two "
+                             "runs' tokens/s ratio)")
     parser.add_argument("--one", nargs=5, metavar=("PATH", "LENGTH", "CHECKPOINTING", "RELEASE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1", args.one[3] == "1", args.one[4])))
         return
-    peak = matmul_peak_flops()
     short, long = (int(x) for x in args.lengths.split(","))
+    if args.curves_only:
+        runs = {p: run_one(("a", short, 0, 0, p), args.curve_steps, args.data) for p in ("fp32", "bf16")}
+        f, b = runs["fp32"]["losses"], runs["bf16"]["losses"]
+        print(f"loss curves over {args.curve_steps} steps at {short} (fp32 | bf16): "
+              + " ".join(f"{x:.3f}|{y:.3f}" for x, y in zip(f, b)))
+        print(f"RESULT bf16_loss_diff={sum(abs(y - x) / x for x, y in zip(f, b)) / len(f):.4f} "
+              f"bf16_speedup_{short}_curve_runs={runs['bf16']['tokens_per_s'] / runs['fp32']['tokens_per_s']:.2f}")
+        return
+    peak = matmul_peak_flops()
     # (path, tokens, gradient checkpointing, freed memory returned to the OS, precision)
     plan = [("a", short, 0, 0, "fp32"), ("b", short, 0, 0, "fp32"), ("c", short, 0, 0, "fp32"), ("a", long, 0, 0, "fp32"),
             ("c", long, 0, 0, "fp32"), ("a", long, 1, 0, "fp32"), ("c", long, 1, 0, "fp32"), ("a", long, 1, 1, "fp32"),
@@ -141,10 +163,7 @@ def main() -> None:
     rows = {}
 
     def run(key: tuple, steps: int) -> dict:
-        path, length, gc, release, precision = key
-        out = subprocess.run([sys.executable, __file__, "--one", path, str(length), str(gc), str(release), precision,
-                              "--steps", str(steps), "--data", args.data], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_one(key, steps, args.data)
 
     for key in plan:
         path, length, gc, release, precision = key

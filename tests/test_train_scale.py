@@ -132,7 +132,11 @@ class Bf16Probe(TrainerCallback):
         def record(module, inputs, output):
             self.seen.setdefault("matmul", output.dtype)
 
-        layer.register_forward_hook(record)
+        def record_sum(module, inputs, output):
+            self.seen.setdefault("lora_sum", output.dtype)
+
+        layer.register_forward_hook(record, prepend=True)  # before the hook that widens the output for the sum
+        next(m for n, m in model.named_modules() if n.endswith("q_proj")).register_forward_hook(record_sum)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
@@ -148,13 +152,44 @@ def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tm
     result = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, precision="bf16")),
                    callbacks=[probe])
     assert result.precision == "bf16" and json.loads((out / "train_summary.json").read_text())["precision"] == "bf16"
-    assert probe.seen["matmul"] == torch.bfloat16
+    assert probe.seen["matmul"] == torch.bfloat16 and probe.seen["lora_sum"] == torch.float32
     assert probe.seen["trainable"] == {torch.float32} and probe.seen["optimizer_state"] == {torch.float32}
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
     fp32 = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, tmp_path / "fp32", max_steps=2, precision="fp32")))
     assert fp32.precision == "fp32"
+
+
+def test_bf16_lora_update_below_rounding_step_reaches_the_output():
+    """PEFT adds the LoRA update to the bf16 output and keeps bf16: an update of 1e-4 of the output vanishes.
+    keep_lora_sums_fp32 adds it in fp32, so the forward sees it (and still multiplies in bf16)."""
+    from peft import LoraConfig, get_peft_model
+
+    from manyicl.precision import keep_lora_sums_fp32
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+
+    def update_seen(widen: bool) -> float:
+        torch.manual_seed(0)
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), LoraConfig(r=4, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            base = layer.base_layer(x)
+            layer.lora_B["default"].weight.fill_(1e-4 * base.abs().mean().item() / (layer.lora_A["default"](x).abs().mean().item() * layer.scaling["default"]))
+        if widen:
+            assert keep_lora_sums_fp32(model) == 1
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x).float()
+            with model.disable_adapter():
+                frozen = model(x).float()
+        with torch.no_grad():
+            wanted = (layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]).float()
+        return float(((out - frozen) - wanted).abs().mean() / wanted.abs().mean())
+
+    assert update_seen(widen=False) > 0.5  # most of the update is lost in the bf16 sum
+    assert update_seen(widen=True) < 0.05  # kept (what is left: the update itself computed in bf16)
 
 
 def test_precision_auto_and_bf16_requests(monkeypatch):

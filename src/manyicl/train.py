@@ -34,7 +34,7 @@ from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.packing import packed_attention
-from manyicl.precision import resolve_precision
+from manyicl.precision import keep_lora_sums_fp32, resolve_precision
 
 
 # ---------------------------------------------------------------- the trainer
@@ -200,6 +200,8 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     if tr.gradient_checkpointing:
         model.config.use_cache = False
     precision = resolve_precision(tr.precision, model)
+    if precision == "bf16" and tr.finetune == "lora":
+        keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
 
     # 3. the data: sequences drawn lazily from the mixture
     weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
