@@ -149,13 +149,14 @@ def write_report(run_dir: str | Path) -> Path:
     held = sorted({r["task"] for r in results if r.get("role", "held_out") == "held_out"})
     forgetting = sorted({r["task"] for r in results if r.get("role") == "forgetting"})
     shots = headline_shots(results) if held else "0"
-    groups = _groups(held, _distances(run_dir))
+    distance = _distances(run_dir)
+    groups = _groups(held, distance)
     comparisons = paired_comparisons(cells, methods, held, shots, groups) if held else []
     lines = [f"# ManyICL comparison: {run_dir.name}", ""]
     lines += _findings(cells, methods, held, shots, comparisons, groups)
     lines += _setup_lines(run_dir, results, methods)
     if held:
-        lines += _main_table(cells, methods, held, shots, _distances(run_dir))
+        lines += _main_table(cells, methods, held, shots, distance)
         lines += _ordering(cells, methods, held, shots)
         lines += _comparisons(comparisons, methods, held, shots, groups)
         lines += _gap_closed(cells, held, shots)
@@ -341,8 +342,9 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
             kind = "not distinguishable from" if not mark else ("better than" if c.difference > 0 else "worse than")
             verdicts[kind].append(f"{m} ({c.difference:+.3f})")
     said = "; ".join(f"{kind} {', '.join(ms)}" for kind, ms in verdicts.items() if ms)
-    parts = [f"{len(members)} {name.split()[0]}: {_fmt(_average(cells, 'manyicl', members, shots))}"
-             for name, members in groups if name != "average" and _average(cells, "manyicl", members, shots)]
+    group_averages = [(name, members, _average(cells, "manyicl", members, shots)) for name, members in groups
+                      if name != "average"]  # one bootstrap per group
+    parts = [f"{len(members)} {name.split()[0]}: {_fmt(e)}" for name, members, e in group_averages if e]
     first = (f"On {len(tasks)} held-out task{'s' if len(tasks) > 1 else ''} at {shots} shots ManyICL scores "
              f"{_fmt(average) if average else '–'} on average{' (' + '; '.join(parts) + ')' if parts else ''}: "
              f"{said or 'no other method to compare with'} (paired tests on the same queries, Benjamini-Hochberg).")
