@@ -7,8 +7,8 @@ Paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens:
   (z) packed zero-shot — isolated one-example units packed up to the length, attention within each unit
                        (src/manyicl/packing.py); (zd) the same rows through transformers' dense block mask
 (b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
-Precision: the rows above run fp32 (``training.precision: auto`` on CPU); (a) runs again with bf16 autocast
-(``precision: bf16``) at both lengths, and (z)/(zd) run in both precisions at the short length.
+Precision: the rows above run fp32 (``training.precision: fp32``); (a) runs again with bf16 autocast
+(``precision: bf16``, what auto picks on a CPU with AVX-512 BF16) at both lengths, and (z)/(zd) run in both precisions at the short length.
 packed_ratio: (z) / (a) tokens/s at the short length in fp32, the precision CPU runs train in.
 bf16_loss_diff: 30 steps of (a) at the short length in fp32 and in bf16 on the same sequences from the same
 LoRA initialisation, mean over steps of |loss_bf16 - loss_fp32| / loss_fp32.

@@ -196,18 +196,39 @@ def test_precision_auto_and_bf16_requests(monkeypatch):
     from manyicl import precision
     from manyicl.errors import ManyICLError
 
-    model = tiny_model(100)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert precision.resolve_precision("auto", model) == "fp32"  # CPU: bf16 only when asked (docs/TRAINING.md)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
-    assert precision.resolve_precision("bf16", model) == "bf16"
+    assert precision.resolve_precision("auto") == "bf16"  # CPU with AVX-512 BF16 / AMX: autocast
+    assert precision.resolve_precision("bf16") == "bf16"
+    assert precision.resolve_precision("fp32") == "fp32"
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert precision.resolve_precision("auto") == "fp32"  # a CPU where bf16 would be slower
     with pytest.raises(ManyICLError, match="neither AVX-512 BF16 nor AMX"):
-        precision.resolve_precision("bf16", model)
+        precision.resolve_precision("bf16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert precision.resolve_precision("auto", model) == "bf16"  # CUDA with bf16: autocast
-    assert precision.resolve_precision("fp32", model.to(torch.bfloat16)) == "bf16"  # weights already bf16
+    assert precision.resolve_precision("auto") == "bf16"  # CUDA with bf16: autocast
+    assert precision.resolve_precision("fp32", torch.bfloat16) == "bf16"  # weights already bf16
+
+
+def test_resume_refuses_another_precision(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """auto may resolve differently on another machine: a run resumes in the precision its checkpoints were made in."""
+    from manyicl import precision
+    from manyicl.checkpoints import CHECKPOINT_MARKER
+    from manyicl.errors import ManyICLError
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    out = tmp_path / "run"
+    cfg = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, save_steps=1))
+    train(cfg)
+    (out / "train_summary.json").unlink()  # as if it had stopped after its checkpoints
+    assert json.loads((out / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER).read_text())["precision"] == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # auto now resolves to bf16
+    with pytest.raises(ManyICLError, match="checkpoint-2: trained in fp32, but this run resolves training.precision to "
+                                           "bf16; set training.precision: fp32 to resume it"):
+        train(cfg, resume=True)
+    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, save_steps=1,
+                                                      precision="fp32")), resume=True)  # what the message says works
 
 
 @pytest.mark.parametrize("objective", ["zero_shot", "few_shot"])

@@ -18,8 +18,11 @@ TASK_COUNTS = "manyicl_task_counts.json"  # per-task sequences/answers so far, r
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """What decides the weights: everything but where outputs go and how evaluation runs."""
+    """What decides the weights: everything but where outputs go and how evaluation runs. The precision as asked
+    for (auto may resolve differently elsewhere) is left out: the resolved one is in each checkpoint's marker and
+    checked on resume (check_precision)."""
     data = drop_speed_settings(config.model_dump(mode="json"))
+    data.get("training", {}).pop("precision", None)
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
     for key in ("held_out", "forgetting", "distance"):  # what is evaluated afterwards, not what is trained on
@@ -55,6 +58,16 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
         raise ManyICLError(f"{checkpoint}: made with a different config (model/tasks/training); use --overwrite or the original config")
     check_readable(checkpoint)
     return checkpoint
+
+
+def check_precision(checkpoint: Path, precision: str) -> None:
+    """A run resumes in the precision it started in: ``auto`` may resolve differently on another machine (or
+    under another manyicl version), and the config hash cannot see that. Markers written before the precision was
+    recorded are not checked."""
+    started = json.loads((checkpoint / CHECKPOINT_MARKER).read_text()).get("precision")
+    if started is not None and started != precision:
+        raise ManyICLError(f"{checkpoint}: trained in {started}, but this run resolves training.precision to {precision}; "
+                           f"set training.precision: {started} to resume it, or use --overwrite")
 
 
 def check_readable(checkpoint: Path) -> None:

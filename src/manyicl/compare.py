@@ -61,6 +61,8 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
         return
     saved = drop_speed_settings(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     now = drop_speed_settings(config.model_dump(mode="json"))
+    for data in (saved, now):  # the precision as asked for; what it resolves to is checked by check_trained_precision
+        data.get("training", {}).pop("precision", None)
     keys = RESULT_KEYS if (out / "results.json").exists() else TRAIN_KEYS
     differ = [k for k in keys if _get(saved, k) != _get(now, k)]
     if differ:
@@ -68,6 +70,19 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
             f"{out}: holds a run made with a different config ({', '.join(differ)} differ); use --overwrite to start "
             f"again or another output_dir"
         )
+
+
+def check_trained_precision(out: Path, config: ExperimentConfig) -> None:
+    """Every finished fine-tune was trained in the precision the ones still to train will get, so the methods are
+    compared at one precision (``auto`` may resolve differently on another machine or manyicl version)."""
+    from manyicl.precision import training_precision
+
+    now = training_precision(config.training)
+    for summary in sorted((out / "train").glob("**/train_summary.json")):
+        trained = json.loads(summary.read_text()).get("precision", now)
+        if trained != now:
+            raise ManyICLError(f"{summary.parent}: trained in {trained}, but this run resolves training.precision to "
+                               f"{now}; set training.precision: {trained} to go on with this run, or use --overwrite")
 
 
 def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = None) -> ExperimentConfig:
@@ -113,6 +128,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots])
     out = Path(config.output_dir)
     check_same_experiment(out, config, overwrite)
+    check_trained_precision(out, config)
     held = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
     forgetting = [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
     out.mkdir(parents=True, exist_ok=True)

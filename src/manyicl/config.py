@@ -126,7 +126,7 @@ class TrainingConfig(Strict):
     save_steps: int = Field(50, gt=0)
     save_total_limit: int | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # how the model's weights are loaded
-    # auto: bf16 autocast on a GPU with bf16, fp32 on CPU (bf16 there only when asked: precision.py);
+    # auto: bf16 autocast on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX, else fp32 (precision.py);
     # trainable weights and optimizer state stay fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Trainer loggers by name, as in TrainingArguments: "tensorboard" (event files under <output_dir>/checkpoints/runs),

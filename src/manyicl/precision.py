@@ -9,10 +9,10 @@ training sees little of its own updates. Measured on SmolLM2, 30 steps of 1,024 
 (``python bench/train_throughput.py --curves-only``): mean relative loss difference to fp32 0.149 with PEFT's bf16
 sum, 0.013 with the fp32 sum, at the same speed.
 
-``auto`` picks bf16 on a CUDA device with bf16 support and fp32 on CPU. On this project's CPUs (AVX-512 BF16)
-bf16 autocast makes a LoRA step 1.35-1.39x faster (docs/BENCHMARKS.md); ``precision: bf16`` asks for it, on a CPU
-that runs it fast (AVX-512 BF16 or AMX). auto stays fp32 on CPU while the real-data run that was started with it
-(configs/real_smollm2.yaml, fp32 throughout) is unfinished: docs/TRAINING.md.
+``auto`` picks bf16 where it runs fast: a CUDA device with bf16 support, or a CPU with AVX-512 BF16 or AMX (on this
+project's CPUs a LoRA step is 1.35-1.48x faster, docs/BENCHMARKS.md); fp32 elsewhere. ``precision: bf16`` on a CPU
+without either is refused (it would be slower than fp32). The precision a run resolved to is recorded in every
+checkpoint and in train_summary.json; resuming under another one is refused (checkpoints.check_precision).
 """
 
 from __future__ import annotations
@@ -46,16 +46,24 @@ def cpu_has_fast_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
-def resolve_precision(requested: str, model: Any) -> str:
-    """"bf16" or "fp32" for this run. A model loaded in bfloat16 (``training.dtype``) trains in bf16 whatever asked."""
-    if getattr(model, "dtype", None) == torch.bfloat16:
+def resolve_precision(requested: str, weights_dtype: Any = None) -> str:
+    """"bf16" or "fp32" for this run. Weights loaded in bfloat16 (``training.dtype``) train in bf16 whatever asked."""
+    if weights_dtype == torch.bfloat16:
         return "bf16"
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        fast = torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16()
+        return "bf16" if fast else "fp32"
     if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ManyICLError("training.precision=bf16: this GPU has no bfloat16 support; use fp32 (or auto)")
     if requested == "bf16" and not cuda and not cpu_has_fast_bf16():
         raise ManyICLError("training.precision=bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be slower "
                            "than fp32; use fp32 (or auto)")
     return requested
+
+
+def training_precision(training: Any) -> str:
+    """The precision a run with this ``training`` config resolves to here, without loading the model."""
+    from manyicl.models import default_dtype
+
+    return resolve_precision(training.precision, default_dtype() if training.dtype == "auto" else getattr(torch, training.dtype))

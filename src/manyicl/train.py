@@ -25,7 +25,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from manyicl.catalog import check_split, load_tasks
-from manyicl.checkpoints import CHECKPOINT_MARKER, TASK_COUNTS, config_hash, prepare_output_dir, truncate_log
+from manyicl.checkpoints import (CHECKPOINT_MARKER, TASK_COUNTS, check_precision, config_hash, prepare_output_dir,
+                                 truncate_log)
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
 from manyicl.errors import ManyICLError
@@ -56,6 +57,7 @@ class ManyICLTrainer(Trainer):
         # the tasks of this rank's sequences in the current step (train_log.jsonl: per-task loss curves)
         self.step_tasks: list[str] = []
         self.last_step_tasks: list[str] = []
+        self.config_hash, self.precision = "", "fp32"  # set by train(); both go into every checkpoint's marker
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
@@ -100,7 +102,8 @@ class ManyICLTrainer(Trainer):
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             write_atomic(folder / TASK_COUNTS, json.dumps(counts))
-            write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash}))
+            write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash,
+                                                                  "precision": self.precision}))
         if self.args.world_size > 1:
             torch.distributed.barrier()
 
@@ -199,7 +202,9 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
-    precision = resolve_precision(tr.precision, model)
+    precision = resolve_precision(tr.precision, getattr(model, "dtype", None))
+    if checkpoint is not None:
+        check_precision(checkpoint, precision)
     if precision == "bf16" and tr.finetune == "lora":
         keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
 
@@ -240,7 +245,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model=model, args=args, train_dataset=dataset, data_collator=lambda items: collate(items, tokenizer.pad_token_id),
         loss_normalization=tr.loss_normalization, task_names=dataset.names,
     )
-    trainer.config_hash = chash
+    trainer.config_hash, trainer.precision = chash, precision
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(TrainLog(out / "train_log.jsonl", trainer))
