@@ -75,6 +75,11 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert all(r["shots"] > 2 for r in longer if r["task"] == "sym_topic")  # more demonstrations fit in 384 tokens
     assert {r["seed"] for r in results if r["shots_requested"] == 0} == {0}  # nothing to draw at 0 shots: one cell
     assert (out / "plots" / "training_curves.png").exists()
+    # forgetting: drop = base − method, from the same seeds' means
+    forgetting = report.split("## Forgetting")[1].split("##")[0]
+    mean = lambda m: sum(r["value"] for r in results if r["method"] == m and r["role"] == "forgetting") / 2  # noqa: E731
+    row = next(line for line in forgetting.splitlines() if line.startswith("| world_capitals | manyicl |"))
+    assert float(row.split("|")[5].strip(" *").split()[0]) == pytest.approx(mean("base") - mean("manyicl"), abs=1e-3)
     findings = report.split("## What this run found")[1].split("##")[0]  # the report opens with what it found
     assert report.index("## What this run found") < report.index("## Held-out") and "ManyICL scores" in findings
     table = report.split("## Held-out tasks")[1].split("##")[0]

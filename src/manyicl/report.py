@@ -423,9 +423,7 @@ def _forgetting_table(cells: dict, methods: list[str], tasks: list[str], shots: 
             cell = cells.get((m, t, shots))
             if m == "base" or cell is None:
                 continue
-            paired = _paired(base, cell) if base else None
-            drop = paired_average([paired], [cell.from_means]) if paired is not None else None
-            entries.append((t, m, base, cell, drop))
+            entries.append((t, m, base, cell, _paired_over(cells, "base", m, [t], shots)))
     marks = iter(significant([d.p_value for *_, d in entries if d is not None]))
     for t, m, base, cell, drop in entries:
         text = "–"
