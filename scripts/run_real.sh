@@ -7,7 +7,8 @@
 #   nohup bash scripts/run_real.sh train > runs/real_smollm2_train.log 2>&1 &  # 1: every fine-tune
 #   nohup bash scripts/run_real.sh > runs/real_smollm2.log 2>&1 &              # 2: evaluation, report
 # Each stage prints its wall time and copies what docs/RESULTS.md cites into docs/results/.
-# Extra arguments go to `manyicl compare` (e.g. --only base).
+# Extra arguments go to `manyicl compare`, after the stage (`bash scripts/run_real.sh eval --only base`) or alone
+# for the evaluation stage (`bash scripts/run_real.sh --only base`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -15,7 +16,7 @@ start=$(date +%s)
 run=runs/real_smollm2
 mkdir -p docs/results
 stage="${1:-eval}"
-[[ $# -gt 0 ]] && shift
+if [[ "$stage" == -* ]]; then stage=eval; else [[ $# -gt 0 ]] && shift; fi
 case "$stage" in
 screen)
     manyicl eval configs/forgetting_screen.yaml "$@"
@@ -40,7 +41,7 @@ eval)
         "$run/report.md" > docs/results/real_smollm2_report.md
     ;;
 *)
-    echo "scripts/run_real.sh: unknown stage '$stage'; use screen, train or nothing (evaluation)" >&2
+    echo "scripts/run_real.sh: unknown stage '$stage'; use screen, train, eval or nothing (evaluation)" >&2
     exit 2
     ;;
 esac
