@@ -246,6 +246,44 @@ def test_adapter_for_another_base_model(tiny_model_dir, tmp_path, llama_tokenize
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
 
 
+def test_evaluation_merges_a_lora_adapter_with_the_same_scores(tiny_model_dir, data_dir, tmp_path):
+    """run_evaluation merges the adapter it loads (models.for_inference): the same predictions and values as the
+    unmerged PeftModel, and a merged model holds no LoRA layer. Ranked tasks: a random tiny model's greedy text
+    can flip at a near-tie under float rounding, a candidate ranking with scores this far apart does not."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from manyicl.catalog import load_tasks
+    from manyicl.models import for_inference, load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    peft = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:  # a non-zero update, so merging changes the weights
+            torch.nn.init.normal_(param, std=0.5)
+    peft.save_pretrained(tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in for_inference(load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))).named_parameters())
+
+    def evaluate(out, **how):
+        cfg = tiny_config(tiny_model_dir, data_dir, out)
+        cfg["tasks"].update(held_out=["sst2", "rte"])
+        cfg["evaluation"] = {"shots": [2], "seeds": [0], "max_queries": 4, "max_tokens": 512}
+        config = ExperimentConfig.model_validate(cfg)
+        return run_evaluation(config, [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)], "ft", **how)
+
+    merged = evaluate(tmp_path / "merged", adapter=str(tmp_path / "adapter"))
+    unmerged = evaluate(tmp_path / "unmerged", loaded=(peft.eval(), load_tokenizer(str(tiny_model_dir))))
+    assert isinstance(peft, PeftModel)  # a caller's model is evaluated as given, not merged
+    for a, b in zip(merged, unmerged):
+        assert a["value"] == b["value"] and a["prediction_counts"] == b["prediction_counts"]
+        rows = [[json.loads(line) for line in (tmp_path / run / r["predictions"]).read_text().splitlines()]
+                for run, r in (("merged", a), ("unmerged", b))]
+        assert [x["prediction"] for x in rows[0]] == [x["prediction"] for x in rows[1]]
+        for x, y in zip(*rows):  # the same scores up to float rounding (the update is added in another order)
+            for scoring in x.get("scores") or {}:
+                for label, value in x["scores"][scoring].items():
+                    assert abs(value - y["scores"][scoring][label]) < 1e-4
+
+
 def test_predict_cli(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 

@@ -10,7 +10,7 @@ from manyicl.errors import ManyICLError
 from manyicl.evaluation import Prompter, evaluate_cell, hf_backend
 from manyicl.files import write_atomic
 from manyicl.formatter import Formatter
-from manyicl.models import load_model, load_tokenizer
+from manyicl.models import for_inference, load_model, load_tokenizer
 from manyicl.families import FAMILIES
 from manyicl.tasks import Task, read_examples
 
@@ -39,7 +39,7 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         if unknown:
             raise ManyICLError(f"{demos_path}: demonstration answer {unknown[0]!r} is not in --labels {list(task.labels)}")
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, adapter=adapter).eval()
+    model = for_inference(load_model(model_name, adapter=adapter))
     prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
     chosen = prompter.choose_demonstrations(shots if shots == "max" else int(shots), seed, balance_labels, queries)
     result = evaluate_cell(hf_backend(model, tokenizer, max_tokens), prompter, chosen, queries, scoring)
