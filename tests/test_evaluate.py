@@ -108,6 +108,7 @@ def test_batch_composition_does_not_change_predictions(llama_tokenizer, data_dir
     import manyicl.evaluation.backend_hf as backend_hf
 
     monkeypatch.setattr(backend_hf, "MIN_GROUP_TOKENS", 100_000)  # a short prefix would otherwise cap the group
+    monkeypatch.setattr(backend_hf, "SCORE_GROUP_TOKENS", 100_000)  # so would scoring's own group size
     model = tiny_model(len(llama_tokenizer))
     calls = count_forwards(model)
     task = load_task_dir(data_dir / name)

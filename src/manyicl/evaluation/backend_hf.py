@@ -24,6 +24,13 @@ from manyicl.evaluation.kv_store import InPlaceKV, gqa_attention
 from manyicl.models import windowed_attention
 
 MIN_GROUP_TOKENS = 512
+# Scoring groups: every group token attends over the prefix AND the whole group under a block mask, so the masked
+# part (the group's other queries) is wasted attention that grows with the group; ranked cells do one forward per
+# group and nothing else, so smaller groups pay. SmolLM2 on CPU, agnews max shots, 60 queries, fastest of 2
+# (bench/eval_groups.py): a cell with 512-token groups 1.13x faster than with 2,048 at a 2,048-token budget, 1.07x
+# at 4,096 (prefix pass included); 256 no better. Generation keeps group_budget: its decode steps batch the
+# group's queries, and 2,048-token groups were 1.2x faster there than 512 (mawps, lama_P36).
+SCORE_GROUP_TOKENS = 512
 
 
 def exact_reuse_problem(model: Any, max_tokens: int) -> str | None:
@@ -108,6 +115,7 @@ class _Layout:
 class SharedPrefixBackend:
     def __init__(self, model: Any, tokenizer: Any, batch_tokens: int = 2048):
         self.model, self.tokenizer, self.batch_tokens = model, tokenizer, batch_tokens
+        self.score_group_tokens = min(batch_tokens, SCORE_GROUP_TOKENS)
         self._prefix: tuple[int, ...] | None = None
         self._store: InPlaceKV | None = None
 
@@ -131,9 +139,9 @@ class SharedPrefixBackend:
         return self._store
 
     def group_budget(self, prefix_length: int) -> int:
-        """Tokens per group forward. Each group token attends over prefix + group under a block mask, so the masked
-        part (other queries of the group) is wasted work: for a short prefix, small groups; for a long one, the
-        weights' reuse across many tokens pays more."""
+        """Tokens per group in generation. Each group token attends over prefix + group under a block mask, so the
+        masked part (other queries of the group) is wasted work: for a short prefix, small groups; for a long one,
+        decoding the group's queries together (one token each per step) pays more."""
         return min(self.batch_tokens, max(MIN_GROUP_TOKENS, prefix_length))
 
     def _forward(self, store: InPlaceKV, layout: _Layout, keep: list[int]) -> torch.Tensor:
@@ -152,7 +160,7 @@ class SharedPrefixBackend:
         with gqa_attention(self.model):
             store = self._store_with(prefix)
             sizes = [len(q) + _trie_size(c) for q, c in zip(queries, candidates)]
-            for group in _groups(sizes, self.group_budget(len(prefix))):
+            for group in _groups(sizes, self.score_group_tokens):
                 layout = _Layout(len(prefix), sum(sizes[i] for i in group))
                 store.reserve(len(prefix) + sum(sizes[i] for i in group))
                 predictors = {i: _add_query(layout, queries[i], candidates[i]) for i in group}
