@@ -149,8 +149,9 @@ class EvaluationConfig(Strict):
     scoring: Literal[SCORINGS] = "sum"  # type: ignore[valid-type]
     multiple_choice: Literal["cloze", "letter"] = "cloze"  # score the option texts (when records carry choices) or letters
     prefix_cache: bool = True
-    # tokens per forward after the shared prefix: queries (with their candidates' trie, or their generation room)
-    # are grouped up to this many; the naive path puts this many tokens of candidates in one forward
+    # tokens per forward after the shared prefix: queries with their generation room are grouped up to this many
+    # (scored queries with their candidates' trie: up to 512 of them, backend_hf.SCORE_GROUP_TOKENS); the naive
+    # path puts this many tokens of candidates in one forward
     batch_tokens: int = Field(2048, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)  # per family; defaults in families.py
 
