@@ -37,19 +37,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_rate() -> float:
-    """fp32 GFLOP/s of a 2048x2048 matmul, best of 10."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    best = float("inf")
-    for _ in range(12):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
-
-
 def cell_flops(config, prefix: int, queries: list[list[int]], candidates: list[list[list[int]]]) -> float:
     """FLOPs of a shared-prefix cell at its floor: prefix pass + every query token + every trie token."""
     h, m, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -132,11 +119,12 @@ def main() -> None:
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.tasks import load_task_dir
+    from matmul_peak import gflops  # the same rate bench/matmul_peak.py prints (bench/ is on sys.path as a script)
 
     tokenizer, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m").eval()
     shared = SharedPrefixBackend(model, tokenizer, args.batch_tokens)
     naive = NaiveBackend(model, tokenizer, args.batch_tokens)
-    rate = matmul_rate()
+    rate = gflops(torch.float32)
     print(f"fp32 matmul: {rate:.0f} GFLOP/s; torch threads: {torch.get_num_threads()}")
 
     def both(task_name: str, shots: int, n_queries: int, max_new_tokens: int | None = None):
