@@ -219,3 +219,26 @@ def test_existing_run_and_bad_checkpoints(reference_run, tiny_model_dir, data_di
     (out / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ManyICLError, match="cannot resume from this checkpoint"):
         train(ExperimentConfig.model_validate(cfg), resume=True)
+
+
+def test_resume_before_the_first_checkpoint_starts_again(reference_run, tiny_model_dir, data_dir, tmp_path):
+    """A run stopped before it saved anything (config.yaml, a few logged steps, no checkpoint) has nothing to lose:
+    resuming starts it again and gives the uninterrupted run; a different config in that folder is still refused."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()
+    log = (out / "train_log.jsonl").read_text().splitlines()
+    (out / "train_log.jsonl").write_text("\n".join(log[:3]) + "\n")
+    cfg = tiny_config(tiny_model_dir, data_dir, out)
+    other = {**cfg, "training": {**cfg["training"], "learning_rate": 1e-3}}
+    with pytest.raises(ManyICLError, match="no complete checkpoint to resume from; use --overwrite"):
+        train(ExperimentConfig.model_validate(other), resume=True)
+    with pytest.warns(UserWarning, match="stopped before its first checkpoint; starting it again from step 0"):
+        train(ExperimentConfig.model_validate(cfg), resume=True)
+    assert losses(out) == pytest.approx(losses(reference_run))
+    for name, weight in adapter(reference_run).items():
+        torch.testing.assert_close(adapter(out)[name], weight)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
-from manyicl.config import ExperimentConfig, drop_speed_settings
+from manyicl.config import ExperimentConfig, drop_speed_settings, load_config
 from manyicl.errors import ManyICLError
 from manyicl.files import write_atomic
 
@@ -30,6 +31,14 @@ def config_hash(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _saved_config_hash(out: Path) -> str | None:
+    """The config hash of the run already in ``out`` (its config.yaml), None when there is none to read."""
+    try:
+        return config_hash(load_config(out / "config.yaml"))
+    except ManyICLError:
+        return None
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     done = [p for p in checkpoints.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
@@ -47,7 +56,11 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
         return None
     checkpoint = last_complete_checkpoint(out / "checkpoints")
     if checkpoint is None:
-        if holds_run:
+        if holds_run and not (out / "adapter").exists() and _saved_config_hash(out) == chash:
+            # stopped before its first checkpoint: nothing to lose, so resuming starts it again
+            warnings.warn(f"{out}: stopped before its first checkpoint; starting it again from step 0", stacklevel=2)
+            shutil.rmtree(out)
+        elif holds_run:
             raise ManyICLError(f"{out}: no complete checkpoint to resume from; use --overwrite to start again")
         return None
     try:

@@ -85,7 +85,7 @@ _set_option = click.option(
 @main.command()
 @click.argument("config", type=click.Path())
 @_set_option
-@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in output_dir.")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in output_dir (a run stopped before its first one starts again).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in output_dir.")
 @_friendly
 def train(config, overrides, resume, overwrite) -> None:
