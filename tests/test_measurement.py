@@ -143,6 +143,21 @@ def test_records_carry_intervals_histograms_scores_and_skips(tiny_model_dir, dat
     assert "too long for the context (scored as wrong, kept in every denominator): 2" in report
 
 
+def test_shot_scaling_plot_draws_two_requests_that_use_the_same_shots(tmp_path):
+    """32 and max both used 26 demonstrations on agnews (no more fit) and scored differently: the shot-scaling plot
+    draws both points instead of failing to order them (it once compared their estimates)."""
+    from manyicl.report import Cell, _plots
+
+    def cell(k, used, correct):
+        record = {"method": "base", "task": "agnews", "shots_requested": k, "shots": used, "seed": 0,
+                  "metric": "accuracy", "family": "classification", "role": "held_out"}
+        return Cell([record], {0: np.array([[1.0]] * correct + [[0.0]] * (10 - correct))})
+
+    cells = {("base", "agnews", "32"): cell(32, 26, 6), ("base", "agnews", "max"): cell("max", 26, 7)}
+    plots = _plots(tmp_path, cells, ["base"], ["agnews"], "max")
+    assert tmp_path / "plots" / "shot_scaling.png" in plots
+
+
 def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
     from manyicl.config import ExperimentConfig
     from manyicl.errors import ManyICLError

@@ -530,7 +530,9 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
                 if not np.isnan(e.low):
                     ax.axhspan(e.low, e.high, color="red", alpha=0.08)
                 continue
-            points = sorted((c.shots, c.estimate()) for (mm, tt, _), c in cells.items() if mm == m and tt == t)
+            # by shots used; two requests may use the same number (32 and max when only 26 fit): both are drawn
+            ordered = sorted(((c.shots, _shots_key(k)), c) for (mm, tt, k), c in cells.items() if mm == m and tt == t)
+            points = [(c.shots, c.estimate()) for _, c in ordered]
             if not points:
                 continue
             xs = [max(x, 0.5) for x, _ in points]
