@@ -66,6 +66,7 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert (out / "report.md").exists() and (out / "plots" / "shot_scaling.png").exists()
     report = (out / "report.md").read_text()
     assert "Gap closed" in report and "Forgetting" in report and "supervised answers seen" in report
+    assert "| mixture tasks drawn |" in report
     assert "ManyICL against each method" in report and "95 % interval" in report
     for section in ("## Method ordering", "## Past the training length", "## Training curves"):
         assert section in report

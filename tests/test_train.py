@@ -242,3 +242,14 @@ def test_resume_before_the_first_checkpoint_starts_again(reference_run, tiny_mod
     assert losses(out) == pytest.approx(losses(reference_run))
     for name, weight in adapter(reference_run).items():
         torch.testing.assert_close(adapter(out)[name], weight)
+
+
+def test_mixture_tasks_the_run_never_draws_are_named(tiny_model_dir, data_dir, tmp_path):
+    """One step draws one sequence: two of the three tasks get none, and the user is told which before training."""
+    out = tmp_path / "run"
+    cfg = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=1, save_steps=1))
+    with pytest.warns(UserWarning, match=r"tasks.meta_train: \w+, \w+ get no sequence in this run's 1 draws from the "
+                                         r"mixture \(training.seed 0\); raise training.max_steps"):
+        train(cfg)
+    mixture = json.loads((out / "mixture.json").read_text())
+    assert sorted(m["sequences"] for m in mixture.values()) == [0, 0, 1]

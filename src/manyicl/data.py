@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from typing import Any
 
 import torch
@@ -52,6 +53,10 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def task_of(self, i: int) -> str:
         return random.Random(f"mixture:{self.seed}:{i}").choices(self.names, self.weights)[0]
+
+    def task_counts(self) -> Counter[str]:
+        """Sequences per task over the whole run: the draws are fixed by the seed, so they are known before training."""
+        return Counter(self.task_of(i) for i in range(self.n))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.task_of(i)

@@ -193,12 +193,15 @@ def _setup_lines(run_dir: Path, results: list[dict], methods: list[str]) -> list
         if mixture.exists() and summary.exists():
             counts = json.loads(mixture.read_text())
             s = json.loads(summary.read_text())
-            rows.append(f"| {m} | {s['steps']} | {sum(c['sequences'] for c in counts.values())} | "
+            never = [t for t, c in counts.items() if not c["sequences"]]
+            trained = f"{len(counts) - len(never)} of {len(counts)}" + (f" (none of {', '.join(never)})" if never else "")
+            rows.append(f"| {m} | {s['steps']} | {sum(c['sequences'] for c in counts.values())} | {trained} | "
                         f"{sum(c['answers'] for c in counts.values())} | {s['seconds']:.0f} |")
     if rows:
-        lines += ["Training budget (identical steps, sequence length and batch for every fine-tuned method):", "",
-                  "| method | steps | sequences | supervised answers seen | train seconds |", "|---|---:|---:|---:|---:|",
-                  *rows, ""]
+        lines += ["Training budget (identical steps, sequence length and batch for every fine-tuned method; mixture tasks "
+                  "drawn: how many of the listed tasks got at least one sequence):", "",
+                  "| method | steps | sequences | mixture tasks drawn | supervised answers seen | train seconds |",
+                  "|---|---:|---:|---|---:|---:|", *rows, ""]
     return lines
 
 
@@ -463,8 +466,8 @@ def _training_curves(run_dir: Path) -> tuple[list[str], list[Path]]:
 
     lines = ["## Training curves", "",
              "Loss of each fine-tune (its objective's supervised tokens); start/end = mean over the first/last tenth of "
-             "its steps. Tasks learned: on how many of the mixture's tasks the loss of the steps that trained on that task "
-             "alone fell from the first half of those steps to the second (one task per step: the tasks differ in "
+             "its steps. Tasks learned: on how many of the mixture's tasks with at least 2 steps the loss of the steps that "
+             "trained on that task alone fell from the first half of those steps to the second (one task per step: the tasks differ in "
              "loss more than the steps do, so the mean curve alone cannot tell).", "",
              "| fine-tune | steps | loss at start | loss at end | tasks learned |", "|---|---:|---:|---:|---:|"]
     groups = {"mixture": {n: g for n, g in logs.items() if not n.startswith("task_level/")},

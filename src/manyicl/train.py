@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -214,6 +215,11 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     per_step = tr.batch_size * tr.grad_accum * world
     steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
     dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
+    drawn = dataset.task_counts()
+    if never := [n for n in dataset.names if not drawn[n]]:
+        # a short run draws few sequences: a small task may get none (this real run: 2 of 12 tasks in 100 draws)
+        warnings.warn(f"tasks.meta_train: {', '.join(never)} get no sequence in this run's {dataset.n} draws from the "
+                      f"mixture (training.seed {tr.seed}); raise training.max_steps to train on them", stacklevel=2)
 
     # 4. the trainer
     args = TrainingArguments(
