@@ -56,12 +56,13 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
         return None
     checkpoint = last_complete_checkpoint(out / "checkpoints")
     if checkpoint is None:
-        if holds_run and not (out / "adapter").exists() and _saved_config_hash(out) == chash:
-            # stopped before its first checkpoint: nothing to lose, so resuming starts it again
-            warnings.warn(f"{out}: stopped before its first checkpoint; starting it again from step 0", stacklevel=2)
-            shutil.rmtree(out)
-        elif holds_run:
+        if not holds_run:
+            return None
+        if (out / "adapter").exists() or _saved_config_hash(out) != chash:
             raise ManyICLError(f"{out}: no complete checkpoint to resume from; use --overwrite to start again")
+        # the same run, stopped before its first checkpoint: nothing to lose, so resuming starts it again
+        warnings.warn(f"{out}: stopped before its first checkpoint; starting it again from step 0", stacklevel=2)
+        shutil.rmtree(out)
         return None
     try:
         marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from typing import Any
 
 import torch
@@ -54,9 +53,15 @@ class MixtureDataset(torch.utils.data.Dataset):
     def task_of(self, i: int) -> str:
         return random.Random(f"mixture:{self.seed}:{i}").choices(self.names, self.weights)[0]
 
-    def task_counts(self) -> Counter[str]:
-        """Sequences per task over the whole run: the draws are fixed by the seed, so they are known before training."""
-        return Counter(self.task_of(i) for i in range(self.n))
+    def undrawn_tasks(self) -> list[str]:
+        """Tasks that no sequence of the run draws: the draws are fixed by the seed, so this is known before
+        training. Stops at the first draw that completes the set (at once for any run long enough)."""
+        missing = set(self.names)
+        for i in range(self.n):
+            missing.discard(self.task_of(i))
+            if not missing:
+                break
+        return sorted(missing)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.task_of(i)

@@ -215,8 +215,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     per_step = tr.batch_size * tr.grad_accum * world
     steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
     dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
-    drawn = dataset.task_counts()
-    if never := [n for n in dataset.names if not drawn[n]]:
+    if never := dataset.undrawn_tasks():
         # a short run draws few sequences: a small task may get none (configs/real_smollm2.yaml: 2 of 12 in 100 draws)
         warnings.warn(f"tasks.meta_train: {', '.join(never)} get no sequence in this run's {dataset.n} draws from the "
                       f"mixture (training.seed {tr.seed}); raise training.max_steps to train on them", stacklevel=2)
