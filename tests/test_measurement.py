@@ -171,3 +171,29 @@ def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
     with pytest.raises(ManyICLError, match=r"test.jsonl:2: answer 'C' is not a letter of its 2 choices"):
         run_evaluation(config, [(load_task_dir(d), "held_out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_interval():
+    """Two tasks: base 0.2/0.4, manyicl 0.5/0.6, task_level 0.8/0.6 -> per task 0.50 and 1.00; on the average
+    (0.3, 0.55, 0.7) the gap is 0.25/0.4 = 0.625, not the mean of the two ratios; every figure has an interval."""
+    from manyicl.report import Cell, _fmt, gap_closed
+
+    def cell(method, task, k, correct, n=200, seeds=(0, 1)):
+        record = {"method": method, "task": task, "shots_requested": k, "shots": 8, "seed": 0, "metric": "accuracy",
+                  "family": "classification", "role": "held_out"}
+        rows = np.array([[1.0]] * correct + [[0.0]] * (n - correct))
+        return Cell([record], {s: rows for s in seeds})
+
+    cells = {}
+    for task, (b, m, t) in {"a": (40, 100, 160), "b": (80, 120, 120)}.items():
+        cells["base", task, "8"] = cell("base", task, 8, b)
+        cells["manyicl", task, "8"] = cell("manyicl", task, 8, m)
+        cells["task_level", task, "0"] = cell("task_level", task, 0, t, seeds=(0,))
+    rows = gap_closed(cells, ["a", "b"], "8", [("average", ["a", "b"])])
+    by_name = {name: (estimates, gap) for name, estimates, gap in rows}
+    assert by_name["a"][1].startswith("0.50 [") and by_name["b"][1].startswith("1.00 [")
+    estimates, gap = by_name["**average** (2 tasks)"]
+    assert [round(e.value, 3) for e in estimates] == [0.3, 0.55, 0.7]
+    assert all(e.low < e.value < e.high for e in estimates) and all("[" in _fmt(e) for e in estimates)
+    value, low, high = (float(x) for x in gap.replace("[", "").replace("]", "").replace(",", "").split())
+    assert value in (0.62, 0.63) and low < value < high  # 0.625 to two places
