@@ -557,12 +557,15 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     cols = min(3, len(tasks))
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    # one colour per method in every panel, and one legend for the figure: a panel may lack a method (a partial run)
+    colours = {m: f"C{i}" for i, m in enumerate(m for m in methods if m != "task_level")} | {"task_level": "red"}
+    handles = {}
     for ax, t in zip(axes.flat, tasks):
         first = next(c for (_, tt, _), c in cells.items() if tt == t).first
         for m in methods:
             if m == "task_level" and (m, t, "0") in cells:
                 e = cells[m, t, "0"].estimate()
-                ax.axhline(e.value, color="red", linestyle=":", label=m)
+                handles[m] = ax.axhline(e.value, color=colours[m], linestyle=":", label=m)
                 if not np.isnan(e.low):
                     ax.axhspan(e.low, e.high, color="red", alpha=0.08)
                 continue
@@ -572,16 +575,17 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
             if not points:
                 continue
             xs = [max(x, 0.5) for x, _ in points]
-            line, = ax.plot(xs, [e.value for _, e in points], marker="o", label=m)
-            ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=line.get_color(), alpha=0.15)
+            handles[m], = ax.plot(xs, [e.value for _, e in points], marker="o", color=colours[m], label=m)
+            ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=colours[m], alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{t} ({first['family']})")
         ax.set_xlabel("demonstrations in context (0 plotted at 0.5)")
         ax.set_ylabel(first["metric"])
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
+               loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the legend below the panels
     scaling = plot_dir / "shot_scaling.png"
     fig.savefig(scaling, dpi=110)
     plt.close(fig)
