@@ -598,7 +598,7 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         estimates = [_average(cells, m, members, shots) for members in families.values()]
-        heights = [e.value if e else 0.0 for e in estimates]
+        heights = [e.value if e else np.nan for e in estimates]  # no bar where a method lacks a task of the family
         errors = [[e.value - e.low if e else 0.0 for e in estimates], [e.high - e.value if e else 0.0 for e in estimates]]
         ax.bar([j + i * width for j in range(len(families))], heights, width, yerr=errors, capsize=2, label=m)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], list(families))
