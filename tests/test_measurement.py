@@ -197,3 +197,16 @@ def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_i
     assert all(e.low < e.value < e.high for e in estimates) and all("[" in _fmt(e) for e in estimates)
     value, low, high = (float(x) for x in gap.replace("[", "").replace("]", "").replace(",", "").split())
     assert value in (0.62, 0.63) and low < value < high  # 0.625 to two places
+
+
+def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed():
+    from manyicl.report import _flagged
+
+    def record(method, seed, collapsed):
+        return {"method": method, "task": "rte", "shots_requested": 8, "seed": seed, "collapsed": collapsed,
+                "prediction_counts": {"no": 10} if collapsed else {"no": 5, "yes": 5}, "gold_counts": {"no": 5, "yes": 5}}
+
+    lines = _flagged([record("base", 0, True), record("base", 1, True), record("manyicl", 0, False),
+                      record("manyicl", 1, True)])
+    assert "| rte | 2 of 2 | 1 of 2 |" in lines
+    assert sum(line.startswith("| base | rte |") or line.startswith("| manyicl | rte |") for line in lines) == 3

@@ -535,8 +535,16 @@ def _flagged(results: list[dict]) -> list[str]:
     if not flagged:
         return []
     lines = ["## Cells where one label takes ≥ 90 % of the predictions", "",
-             "These measure the demonstrations' label mix more than the model: read them with their histograms.", "",
-             "| method | task | shots | seed | predictions | golds | demonstrations |", "|---|---|---:|---:|---|---|---|"]
+             "These measure the demonstrations' label mix more than the model: read them with their histograms.", ""]
+    # first how many: evaluations (one seed of one cell) with one label at >= 90 %, of the task's evaluations
+    methods = _methods(results)
+    tasks = sorted({r["task"] for r in flagged})
+    lines += ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for t in tasks:
+        counts = [(sum(1 for r in results if r["task"] == t and r["method"] == m and r.get("collapsed")),
+                   sum(1 for r in results if r["task"] == t and r["method"] == m)) for m in methods]
+        lines.append(f"| {t} | " + " | ".join(f"{c} of {n}" if n else "–" for c, n in counts) + " |")
+    lines += ["", "| method | task | shots | seed | predictions | golds | demonstrations |", "|---|---|---:|---:|---|---|---|"]
     for r in flagged:
         lines.append(f"| {r['method']} | {r['task']} | {r['shots_requested']} | {r['seed']} | {r['prediction_counts']} | "
                      f"{r['gold_counts']} | {r.get('demo_labels', {})} |")
