@@ -417,8 +417,8 @@ def _gap_text(values: np.ndarray, draws: np.ndarray | None) -> str:
 
 
 def gap_closed(cells: dict, tasks: list[str], shots: str, groups: list[tuple[str, list[str]]] = ()) -> list[tuple]:
-    """(name, base, manyicl, task_level, gap text) per task, then per group of tasks (the averages: the gap on the
-    group's average score, every task's queries resampled alike for the three models)."""
+    """(name, [base, manyicl, task_level estimates], gap text) per task, then per group of tasks (the averages: the
+    gap on the group's average score, every task's queries resampled alike for the three models)."""
     rng = np.random.default_rng(0)
     per_task = {t: found for t in tasks if (found := _gap_draws(cells, t, shots, rng)) is not None}
     rows = [(t, estimates, _gap_text(np.array([e.value for e in estimates]), draws))
@@ -577,7 +577,7 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
                 e = cells[m, t, "0"].estimate()
                 handles[m] = ax.axhline(e.value, color=colours[m], linestyle=":", label=m)
                 if not np.isnan(e.low):
-                    ax.axhspan(e.low, e.high, color="red", alpha=0.08)
+                    ax.axhspan(e.low, e.high, color=colours[m], alpha=0.08)
                 continue
             # by shots used; two requests may use the same number (32 and max when only 26 fit): both are drawn
             ordered = sorted(((c.shots, _shots_key(k)), c) for (mm, tt, k), c in cells.items() if mm == m and tt == t)
@@ -594,7 +594,7 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
-               loc="lower center", ncol=len(handles), fontsize=8)
+               loc="lower center", ncol=max(1, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the legend below the panels
     scaling = plot_dir / "shot_scaling.png"
     fig.savefig(scaling, dpi=110)
