@@ -210,3 +210,18 @@ def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed(
                       record("manyicl", 1, True)])
     assert "| rte | 2 of 2 | 1 of 2 |" in lines
     assert sum(line.startswith("| base | rte |") or line.startswith("| manyicl | rte |") for line in lines) == 3
+
+
+def test_shot_scaling_table_gives_the_average_per_shot_count_and_the_gain_over_zero_shots():
+    from manyicl.report import Cell, _shot_scaling
+
+    def cell(k, correct, seeds):
+        record = {"method": "base", "task": "t", "shots_requested": k, "shots": k, "seed": 0, "metric": "accuracy",
+                  "family": "classification", "role": "held_out"}
+        return Cell([record], {s: np.array([[1.0]] * correct + [[0.0]] * (100 - correct)) for s in seeds})
+
+    cells = {("base", "t", "0"): cell(0, 20, (0,)), ("base", "t", "8"): cell(8, 60, (0, 1))}
+    results = [{"shots_requested": 0, "role": "held_out"}, {"shots_requested": 8, "role": "held_out"}]
+    lines = _shot_scaling(cells, ["base"], ["t"], results, "8")
+    row = next(line for line in lines if line.startswith("| base |"))
+    assert row.startswith("| base | 0.200 [") and "| 0.600 [" in row and "**+0.400 [" in row

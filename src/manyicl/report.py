@@ -161,6 +161,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += _ordering(cells, methods, held, shots)
         lines += _comparisons(comparisons, methods, held, shots, groups)
         lines += _gap_closed(gaps)
+        lines += _shot_scaling(cells, methods, held, results, shots)
         lines += _longer_contexts(cells, methods, held, results, shots)
     if forgetting:
         lines += _forgetting_table(cells, methods, forgetting, headline_shots(results, "forgetting"))
@@ -300,6 +301,29 @@ def _ordering(cells: dict, methods: list[str], tasks: list[str], shots: str) -> 
             text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}" if c else ""
             row.append(f"**{text}**" if c and marks[(a, b)] else text)
         lines.append(f"| {a} | {_fmt(averages[a])} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _shot_scaling(cells: dict, methods: list[str], tasks: list[str], results: list[dict], shots: str) -> list[str]:
+    """The held-out average at every shot count, and what the headline shot count adds over none: the shot-scaling
+    plot in numbers, so the methods' gains from demonstrations can be compared with intervals."""
+    requested = sorted({str(r["shots_requested"]) for r in results if r.get("role", "held_out") == "held_out"},
+                       key=_shots_key)
+    if len(requested) < 2 or "0" not in requested or shots == "0":
+        return []
+    lines = ["## Shot scaling: the held-out average at every shot count", "",
+             "Mean over the held-out tasks and demonstration seeds, with its 95 % interval. "
+             f"{shots} − 0: paired on the same queries, with {shots} at the 0-shot cell's seed only (a 0-shot cell has "
+             "one), so it can differ from the columns' difference; **bold**: significant after Benjamini-Hochberg over "
+             "this column.", "",
+             "| method | " + " | ".join(requested) + f" | {shots} − 0 |", "|---|" + "---:|" * (len(requested) + 1)]
+    rows = [(m, [_average(cells, m, tasks, k) for k in requested], _paired_over(cells, m, m, tasks, shots, "0"))
+            for m in methods if m != "task_level"]
+    marks = iter(significant([d.p_value for *_, d in rows if d is not None]))
+    for m, estimates, d in rows:
+        diff = f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "–"
+        diff = f"**{diff}**" if d and next(marks) else diff
+        lines.append(f"| {m} | " + " | ".join(_fmt(e) for e in estimates) + f" | {diff} |")
     return lines + [""]
 
 
