@@ -176,7 +176,7 @@ def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
 def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_interval():
     """Two tasks: base 0.2/0.4, manyicl 0.5/0.6, task_level 0.8/0.6 -> per task 0.50 and 1.00; on the average
     (0.3, 0.55, 0.7) the gap is 0.25/0.4 = 0.625, not the mean of the two ratios; every figure has an interval."""
-    from manyicl.report import Cell, _fmt, gap_closed
+    from manyicl.report import Cell, _fmt, _gap_closed, gap_closed
 
     def cell(method, task, k, correct, n=200, seeds=(0, 1)):
         record = {"method": method, "task": task, "shots_requested": k, "shots": 8, "seed": 0, "metric": "accuracy",
@@ -190,9 +190,11 @@ def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_i
         cells["manyicl", task, "8"] = cell("manyicl", task, 8, m)
         cells["task_level", task, "0"] = cell("task_level", task, 0, t, seeds=(0,))
     rows = gap_closed(cells, ["a", "b"], "8", [("average", ["a", "b"])])
-    by_name = {name: (estimates, gap) for name, estimates, gap in rows}
+    by_name = {name: (estimates, gap) for name, estimates, gap, _ in rows}
+    assert [averaged for *_, averaged in rows] == [None, None, 2]
     assert by_name["a"][1].startswith("0.50 [") and by_name["b"][1].startswith("1.00 [")
-    estimates, gap = by_name["**average** (2 tasks)"]
+    assert any(line.startswith("| **average** (2 tasks) |") for line in _gap_closed(rows))
+    estimates, gap = by_name["average"]
     assert [round(e.value, 3) for e in estimates] == [0.3, 0.55, 0.7]
     assert all(e.low < e.value < e.high for e in estimates) and all("[" in _fmt(e) for e in estimates)
     value, low, high = (float(x) for x in gap.replace("[", "").replace("]", "").replace(",", "").split())

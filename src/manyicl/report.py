@@ -6,6 +6,7 @@ label takes nearly all predictions listed (they measure the demonstrations' labe
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,14 @@ def _fmt(e: Estimate | None) -> str:
     if e is None:
         return "–"
     return f"{e.value:.3f}" if np.isnan(e.low) else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+
+
+def _fmt_difference(c: Any | None, significant: bool = False, p_value: bool = False) -> str:
+    """A paired difference with its interval (and p), **bold** when significant; "–" without one."""
+    if c is None:
+        return "–"
+    text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]" + (f" p={c.p_value:.3f}" if p_value else "")
+    return f"**{text}**" if significant else text
 
 
 def summary_table(results: list[dict], run_dir: str | Path) -> str:
@@ -298,8 +307,7 @@ def _ordering(cells: dict, methods: list[str], tasks: list[str], shots: str) -> 
         row = []
         for b in ranked[1:]:
             c = found.get((a, b))
-            text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}" if c else ""
-            row.append(f"**{text}**" if c and marks[(a, b)] else text)
+            row.append(_fmt_difference(c, marks[(a, b)], p_value=True) if c else "")
         lines.append(f"| {a} | {_fmt(averages[a])} | " + " | ".join(row) + " |")
     return lines + [""]
 
@@ -321,8 +329,7 @@ def _shot_scaling(cells: dict, methods: list[str], tasks: list[str], results: li
             for m in methods if m != "task_level"]
     marks = iter(significant([d.p_value for *_, d in rows if d is not None]))
     for m, estimates, d in rows:
-        diff = f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "–"
-        diff = f"**{diff}**" if d and next(marks) else diff
+        diff = _fmt_difference(d, d is not None and next(marks))
         lines.append(f"| {m} | " + " | ".join(_fmt(e) for e in estimates) + f" | {diff} |")
     return lines + [""]
 
@@ -350,8 +357,7 @@ def _longer_contexts(cells: dict, methods: list[str], tasks: list[str], results:
     for m, estimates, used, diffs in rows:
         text = [f"{_fmt(e)} ({u:.0f})" if e else "–" for e, u in zip(estimates, used)]
         for d in diffs:
-            diff = f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "–"
-            text.append(f"**{diff}**" if d and next(marks) else diff)
+            text.append(_fmt_difference(d, d is not None and next(marks)))
         lines.append(f"| {m} | " + " | ".join(text) + " |")
     return lines + [""]
 
@@ -377,7 +383,7 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
              f"{_fmt(average) if average else '–'} on average{' (' + '; '.join(parts) + ')' if parts else ''}: "
              f"{said or 'no other method to compare with'} (paired tests on the same queries, Benjamini-Hochberg).")
     # the gap on the average over the held-out tasks (the first group row), or on the one task
-    overall = next((row for row in gaps if row[0].startswith("**average**")), gaps[0] if len(gaps) == 1 else None)
+    overall = next((row for row in gaps if row[0] == "average" and row[3]), gaps[0] if len(gaps) == 1 else None)
     second = (f"Against a dedicated fine-tune per task it closes {overall[2]} of the gap from the untuned model on "
               f"{'the held-out average' if len(tasks) > 1 else tasks[0]} (per task and per group below)."
               if overall else "No task has a dedicated fine-tune (task_level) here, so no gap-closed figure is given.")
@@ -401,8 +407,7 @@ def _comparisons(comparisons: list, methods: list[str], tasks: list[str], shots:
                 row.append("–")
                 continue
             c, mark = hit[0]
-            text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"
-            row.append(f"**{text}**" if mark else text)
+            row.append(_fmt_difference(c, mark))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return lines + [""]
 
@@ -441,11 +446,12 @@ def _gap_text(values: np.ndarray, draws: np.ndarray | None) -> str:
 
 
 def gap_closed(cells: dict, tasks: list[str], shots: str, groups: list[tuple[str, list[str]]] = ()) -> list[tuple]:
-    """(name, [base, manyicl, task_level estimates], gap text) per task, then per group of tasks (the averages: the
-    gap on the group's average score, every task's queries resampled alike for the three models)."""
+    """(name, [base, manyicl, task_level estimates], gap text, tasks averaged) per task (tasks averaged: None), then
+    per group of tasks (the averages: the gap on the group's average score, every task's queries resampled alike for
+    the three models)."""
     rng = np.random.default_rng(0)
     per_task = {t: found for t in tasks if (found := _gap_draws(cells, t, shots, rng)) is not None}
-    rows = [(t, estimates, _gap_text(np.array([e.value for e in estimates]), draws))
+    rows = [(t, estimates, _gap_text(np.array([e.value for e in estimates]), draws), None)
             for t, (estimates, draws) in per_task.items()]
     for name, members in groups:
         members = [t for t in members if t in per_task]
@@ -455,7 +461,7 @@ def gap_closed(cells: dict, tasks: list[str], shots: str, groups: list[tuple[str
         values = np.mean([[e.value for e in per_task[t][0]] for t in members], axis=0)
         mean_draws = np.mean(draws, axis=0)
         estimates = [Estimate(values[i], *interval_of(mean_draws[:, i])) for i in range(3)]
-        rows.append((f"**{name}** ({len(members)} tasks)", estimates, _gap_text(values, mean_draws)))
+        rows.append((name, estimates, _gap_text(values, mean_draws), len(members)))
     return rows
 
 
@@ -469,7 +475,9 @@ def _gap_closed(rows: list[tuple]) -> list[str]:
              "demonstration seeds are held fixed and only queries are resampled, so the averages' intervals are "
              "narrower than the held-out table's (which also resamples seeds).", "",
              "| task | base | manyicl | task_level | gap closed |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | " + " | ".join(_fmt(e) for e in estimates) + f" | {gap} |" for name, estimates, gap in rows]
+    for name, estimates, gap, averaged in rows:
+        label = name if averaged is None else f"**{name}** ({averaged} tasks)"
+        lines.append(f"| {label} | " + " | ".join(_fmt(e) for e in estimates) + f" | {gap} |")
     return lines + [""]
 
 
@@ -488,10 +496,7 @@ def _forgetting_table(cells: dict, methods: list[str], tasks: list[str], shots: 
             entries.append((t, m, base, cell, _paired_over(cells, "base", m, [t], shots)))
     marks = iter(significant([d.p_value for *_, d in entries if d is not None]))
     for t, m, base, cell, drop in entries:
-        text = "–"
-        if drop is not None:
-            text = f"{drop.difference:+.3f} [{drop.low:+.3f}, {drop.high:+.3f}]"
-            text = f"**{text}**" if next(marks) else text
+        text = _fmt_difference(drop, drop is not None and next(marks))
         lines.append(f"| {t} | {m} | {_fmt(base.estimate() if base else None)} | {_fmt(cell.estimate())} | {text} |")
     return lines + [""]
 
@@ -564,12 +569,12 @@ def _flagged(results: list[dict]) -> list[str]:
              "These measure the demonstrations' label mix more than the model: read them with their histograms.", ""]
     # first how many: evaluations (one seed of one cell) with one label at >= 90 %, of the task's evaluations
     methods = _methods(results)
-    tasks = sorted({r["task"] for r in flagged})
+    evaluations = Counter((r["task"], r["method"]) for r in results)
+    collapsed = Counter((r["task"], r["method"]) for r in flagged)
     lines += ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for t in tasks:
-        counts = [(sum(1 for r in results if r["task"] == t and r["method"] == m and r.get("collapsed")),
-                   sum(1 for r in results if r["task"] == t and r["method"] == m)) for m in methods]
-        lines.append(f"| {t} | " + " | ".join(f"{c} of {n}" if n else "–" for c, n in counts) + " |")
+    for t in sorted({r["task"] for r in flagged}):
+        lines.append(f"| {t} | " + " | ".join(f"{collapsed[t, m]} of {evaluations[t, m]}" if evaluations[t, m] else "–"
+                                               for m in methods) + " |")
     lines += ["", "| method | task | shots | seed | predictions | golds | demonstrations |", "|---|---|---:|---:|---|---|---|"]
     for r in flagged:
         lines.append(f"| {r['method']} | {r['task']} | {r['shots_requested']} | {r['seed']} | {r['prediction_counts']} | "
