@@ -80,7 +80,7 @@ def llama_tokenizer(data_dir):
 
 
 def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, kv_heads: int = 2,
-               **extra):
+               attention: str = "sdpa", **extra):
     """A random-init causal LM of a real architecture, small enough for CPU tests (grouped-query by default)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -93,7 +93,7 @@ def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int 
     if arch == "gemma":
         kwargs["head_dim"] = hidden // 4
     config = AutoConfig.for_model(arch, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     return model.eval()
 
 

@@ -47,8 +47,10 @@ def test_synthetic_suite():
 def test_compare_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     path = tmp_path / "c.yaml"
-    cfg = config(tiny_model_dir, out, evaluation__shots=[0, 2, "max@384"])
+    cfg = config(tiny_model_dir, out, evaluation__shots=[0, 2, "max@384"], evaluation__learning_curve=True,
+                 evaluation__curve_sequences=2)
     cfg["tasks"]["distance"] = {"sym_topic": "near", "key_lookup": "far"}
+    cfg["tasks"]["in_distribution"] = [{"name": "sym_sentiment", "synthetic": True}]
     path.write_text(yaml.safe_dump(cfg))
     # stage 1 of a long run: the fine-tunes alone, no evaluation
     result = run(path, "--train-only")
@@ -76,6 +78,17 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert all(r["shots"] > 2 for r in longer if r["task"] == "sym_topic")  # more demonstrations fit in 384 tokens
     assert {r["seed"] for r in results if r["shots_requested"] == 0} == {0}  # nothing to draw at 0 shots: one cell
     assert (out / "plots" / "training_curves.png").exists()
+    # the learning curves: every method on the held-out and in-distribution tasks, the same sequences for all
+    curves = json.loads((out / "curves.json").read_text())
+    assert {(r["method"], r["task"]) for r in curves if r["method"] != "task_level"} == {
+        (m, t) for m in methods - {"task_level"} for t in ("sym_topic", "key_lookup", "sym_sentiment")}
+    assert {(r["task"], r["seed"]) for r in curves if r["method"] == "task_level"} == {
+        (t, s) for t in ("sym_topic", "key_lookup") for s in (0, 1)}
+    assert len({r["ids_sha256"] for r in curves if r["task"] == "sym_topic" and r["seed"] == 0}) == 1
+    assert "## In-context learning curves" in report and (out / "plots" / "learning_curves.png").exists()
+    assert "Average over the 2 held-out tasks at each task's last k, manyicl − method" in report
+    assert "## In distribution (the mixture's own tasks" in report
+    assert {r["shots_requested"] for r in results if r["role"] == "in_distribution"} == {"max"}
     # forgetting: drop = base − method, from the same seeds' means
     forgetting = report.split("## Forgetting")[1].split("##")[0]
     mean = lambda m: sum(r["value"] for r in results if r["method"] == m and r["role"] == "forgetting") / 2  # noqa: E731

@@ -99,7 +99,7 @@ def test_cloze_multiple_choice_scores_the_option_texts(llama_tokenizer, data_dir
     task = load_task_dir(data_dir / "arc_challenge")
     queries = task.test[:3]
     cloze = Prompter(task, tok, Formatter.for_task(task, tok), 2048)
-    letter = Prompter(task, tok, Formatter.for_task(task, tok), 2048, multiple_choice="letter")
+    letter = Prompter(task, tok, Formatter.for_task(task, tok, multiple_choice="letter"), 2048)
     assert (cloze.answer_form, letter.answer_form) == ("cloze", "letter")
     demos = cloze.choose_demonstrations(2, 0, True, queries)
     assert demos[0].choices[ord(demos[0].output) - 65] in tok.decode(cloze.prefix_ids(demos))  # demos show the text

@@ -93,7 +93,9 @@ def test_choices_are_read_and_checked(data_dir, tmp_path):
         load_task_dir(d)
 
 
-def test_label_balanced_order_in_shuffled_rounds(data_dir):
+def test_balanced_picks_take_every_label_in_turn(data_dir):
+    """The picking order of label-balanced evaluation prompts: any leading run holds each label equally often (to
+    one); the label that ends a turn varies. Which examples are used, not where they stand (tests/test_leakage.py)."""
     import random
     from collections import Counter
 
@@ -101,11 +103,10 @@ def test_label_balanced_order_in_shuffled_rounds(data_dir):
     labels = set(task.labels)
     lasts = Counter()
     for seed in range(40):
-        order = [task.train[i].output for i in task.order(random.Random(seed), balance_labels=True)]
-        for k in range(0, 40, len(labels)):  # every round holds each label once: any prefix is balanced
-            assert set(order[k : k + len(labels)]) == labels
-        lasts[order[len(labels) - 1]] += 1
-        assert len(set(order[:8])) == len(labels)
-    assert len(lasts) == len(labels)  # the label that closes a round varies: no fixed label block at the end
-    plain = [task.train[i].output for i in task.order(random.Random(0), balance_labels=False)][:40]
-    assert any(set(plain[k : k + 4]) != labels for k in range(0, 40, 4))  # the switch turns it off
+        picks = [task.train[i].output for i in task.balanced_picks(random.Random(seed))]
+        for k in range(0, 40, len(labels)):
+            assert set(picks[k : k + len(labels)]) == labels
+        lasts[picks[len(labels) - 1]] += 1
+    assert len(lasts) == len(labels)
+    plain = [task.train[i].output for i in task.order(random.Random(0))][:40]
+    assert any(set(plain[k : k + 4]) != labels for k in range(0, 40, 4))  # the training order has no turns

@@ -244,12 +244,30 @@ def test_resume_before_the_first_checkpoint_starts_again(reference_run, tiny_mod
         torch.testing.assert_close(adapter(out)[name], weight)
 
 
-def test_mixture_tasks_the_run_never_draws_are_named(tiny_model_dir, data_dir, tmp_path):
-    """One step draws one sequence: two of the three tasks get none, and the user is told which before training."""
+def test_a_run_too_short_for_every_mixture_task_names_the_tasks_left_out(tiny_model_dir, data_dir, tmp_path):
+    """Two sequences cannot give three tasks one each: the user is told which task gets none, before training."""
     out = tmp_path / "run"
-    cfg = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=1, save_steps=1))
-    with pytest.warns(UserWarning, match=r"tasks.meta_train: \w+, \w+ get no sequence in this run's 1 draws from the "
-                                         r"mixture \(training.seed 0\); raise training.max_steps"):
+    cfg = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, save_steps=2))
+    with pytest.warns(UserWarning, match=r"training.max_steps: the run has 2 sequences, too few for the 3 mixture "
+                                         r"tasks, so none for \w+; raise training.max_steps"):
         train(cfg)
     mixture = json.loads((out / "mixture.json").read_text())
-    assert sorted(m["sequences"] for m in mixture.values()) == [0, 0, 1]
+    assert sorted(m["sequences"] for m in mixture.values()) == [0, 1, 1]
+
+
+def test_every_mixture_task_gets_its_quota(tiny_model_dir, data_dir, tmp_path):
+    """Three steps over three tasks: one sequence each, whatever the weights (mixture.json has quota and count)."""
+    out = tmp_path / "run"
+    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=3, save_steps=3)))
+    mixture = json.loads((out / "mixture.json").read_text())
+    assert [(m["quota"], m["sequences"]) for m in mixture.values()] == [(1, 1)] * 3
+
+
+
+def test_mixture_quotas_round_by_largest_remainder_with_one_each():
+    from manyicl.data import mixture_quotas
+
+    assert mixture_quotas({"a": 0.5, "b": 0.3, "c": 0.2}, 7) == {"a": 4, "b": 2, "c": 1}  # 3.5, 2.1, 1.4
+    assert mixture_quotas({"a": 0.98, "b": 0.01, "c": 0.01}, 10) == {"a": 8, "b": 1, "c": 1}  # the minimum of one
+    counts = mixture_quotas({f"t{i}": w for i, w in enumerate([0.4, 0.3, 0.2, 0.06, 0.04])}, 100)
+    assert counts == {"t0": 40, "t1": 30, "t2": 20, "t3": 6, "t4": 4}

@@ -15,9 +15,10 @@ from transformers import TrainerCallback
 from conftest import tiny_config, tiny_model
 from manyicl.config import ExperimentConfig
 from manyicl.data import collate
+from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
 from manyicl.loss import supervised_count, target_only_loss
-from manyicl.packing import packed_attention, supports_packed_attention
+from manyicl.packing import isolating_mask, packed_attention, packed_isolation, unit_bounds
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
 from manyicl.train import train
@@ -231,23 +232,17 @@ def test_resume_refuses_another_precision(tiny_model_dir, data_dir, tmp_path, mo
                                                       precision="fp32")), resume=True)  # what the message says works
 
 
-@pytest.mark.parametrize("objective", ["zero_shot", "few_shot"])
-@pytest.mark.parametrize("normalization", ["token", "target"])
-def test_packed_units_equal_each_unit_alone(llama_tokenizer, data_dir, objective, normalization):
-    """Packed rows through the per-unit attention (no dense mask): the same loss as running every unit alone."""
-    task = load_task_dir(data_dir / "sst2")
-    builder = SequenceBuilder(task, llama_tokenizer, Formatter.for_task(task), 512, objective, n_shots=2)
-    model = tiny_model(len(llama_tokenizer))
-    assert supports_packed_attention(model, 512)
+def _packed_rows(tokenizer, task, objective):
+    builder = SequenceBuilder(task, tokenizer, Formatter.for_task(task), 512, objective, n_shots=2)
     rows = [builder.build_packed(seed) for seed in (1, 2)]
-    item = lambda s, positions: {"input_ids": s.input_ids, "labels": s.labels, "target_index": s.target_index(),  # noqa: E731
-                                 "position_ids": positions, "sequence_id": 0, "task_id": 0}
-    packed = collate([item(s, s.position_ids) for s in rows], llama_tokenizer.pad_token_id)
+    item = lambda s: {"input_ids": s.input_ids, "labels": s.labels, "target_index": s.target_index(),  # noqa: E731
+                      "position_ids": s.position_ids, "sequence_id": 0, "task_id": 0}
+    packed = collate([item(s) for s in rows], tokenizer.pad_token_id)
     assert packed["position_ids"].eq(0).sum() >= 5  # several units per row
-    with torch.no_grad(), packed_attention(model, 512) as used:
-        assert used and model.config._attn_implementation != "sdpa"
-        loss, _ = target_only_loss(model, packed, normalization, num_items=1)
-    assert model.config._attn_implementation == "sdpa"  # restored after the block
+    return rows, packed
+
+
+def _each_unit_alone(model, rows, normalization):
     alone = 0.0
     with torch.no_grad():
         for seq in rows:
@@ -257,13 +252,64 @@ def test_packed_units_equal_each_unit_alone(llama_tokenizer, data_dir, objective
                         "target_index": torch.tensor([seq.target_index()[s:e]])}
                 unit["target_index"][unit["target_index"] >= 0] = 0  # one answer per unit
                 alone += float(target_only_loss(model, unit, normalization, num_items=1)[0])
-    assert float(loss) == pytest.approx(alone, rel=1e-5)
+    return alone
 
 
-def test_packed_attention_falls_back_where_it_would_differ(llama_tokenizer):
-    model = tiny_model(len(llama_tokenizer), arch="mistral", sliding_window=16)
-    with packed_attention(model, 512) as used:
-        assert not used and model.config._attn_implementation == "sdpa"
+# (architecture, attention implementation, extra config, how the units are kept apart)
+ISOLATION_CASES = [
+    ("llama", "sdpa", {}, "per_unit"),
+    ("llama", "eager", {}, "mask"),
+    ("mistral", "sdpa", {"sliding_window": 16}, "mask"),  # a window narrower than the units: the mask carries it
+    ("mistral", "eager", {"sliding_window": 16}, "mask"),
+]
+
+
+@pytest.mark.parametrize("arch, attention, extra, isolation", ISOLATION_CASES)
+@pytest.mark.parametrize("objective", ["zero_shot", "few_shot"])
+@pytest.mark.parametrize("normalization", ["token", "target"])
+def test_packed_units_equal_each_unit_alone(llama_tokenizer, data_dir, objective, normalization, arch, attention, extra,
+                                            isolation):
+    """Packed rows, isolated as the trainer isolates them (per-unit attention, or the explicit block-diagonal mask
+    with the model's window): the same loss as running every unit alone through the model's own masks."""
+    task = load_task_dir(data_dir / "sst2")
+    rows, packed = _packed_rows(llama_tokenizer, task, objective)
+    model = tiny_model(len(llama_tokenizer), arch=arch, attention=attention, **extra)
+    assert packed_isolation(model, 512) == isolation
+    if arch == "mistral":
+        assert max(e - s for s, e in unit_bounds(packed["position_ids"][0])) > 16  # the window matters in a unit
+    with torch.no_grad(), packed_attention(model, 512) as per_unit:
+        assert per_unit == (isolation == "per_unit")
+        if not per_unit:
+            packed["attention_mask"] = isolating_mask(model, packed["position_ids"], 512)
+        loss, _ = target_only_loss(model, packed, normalization, num_items=1)
+    assert model.config._attn_implementation == attention  # restored after the block
+    assert float(loss) == pytest.approx(_each_unit_alone(model, rows, normalization), rel=1e-5)
+
+
+def test_a_causal_mask_alone_lets_packed_units_see_each_other(llama_tokenizer, data_dir):
+    """The check above can fail: a plain causal mask over the packed row (no isolation) gives another loss."""
+    task = load_task_dir(data_dir / "sst2")
+    rows, packed = _packed_rows(llama_tokenizer, task, "zero_shot")
+    model = tiny_model(len(llama_tokenizer), attention="eager")
+    width = packed["input_ids"].shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()[None, None].expand(len(rows), 1, width, width)
+    packed["attention_mask"] = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        loss, _ = target_only_loss(model, packed, "token", num_items=1)
+    # far outside the tolerance the check above uses (a random-init model attends almost uniformly: the gap is small)
+    assert float(loss) != pytest.approx(_each_unit_alone(model, rows, "token"), rel=1e-4)
+
+
+def test_packing_refuses_models_it_cannot_isolate(llama_tokenizer):
+    """Layers of several kinds with a window narrower than the row, or another attention implementation: one line."""
+    mixed = tiny_model(len(llama_tokenizer), arch="qwen2", sliding_window=16, use_sliding_window=True, max_window_layers=1)
+    with pytest.raises(ManyICLError, match=r"^training.pack: this model's layers attend in several ways"):
+        packed_isolation(mixed, 512)
+    assert packed_isolation(mixed, 16) == "mask"  # a row no longer than the window: every layer attends alike
+    other = tiny_model(len(llama_tokenizer))
+    other.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ManyICLError, match=r"^training.pack: packed units are isolated only with sdpa or eager"):
+        packed_isolation(other, 512)
 
 
 ALLOCATOR_IN_COMPARE = """

@@ -55,6 +55,14 @@ def load_tasks(config: ExperimentConfig, refs: list[Any]) -> list[Task]:
     return [resolve_task(r, t.data_dir, t.max_train_examples, t.synthetic_seed) for r in refs]
 
 
+def evaluation_tasks(config: ExperimentConfig) -> list[tuple[Task, str]]:
+    """Every task an evaluation covers, with its role: held-out, forgetting and in-distribution (mixture) tasks."""
+    t = config.tasks
+    return [(task, role) for refs, role in ((t.held_out, "held_out"), (t.forgetting, "forgetting"),
+                                            (t.in_distribution, "in_distribution"))
+            for task in load_tasks(config, refs)]
+
+
 def check_split(config: ExperimentConfig) -> None:
     train = [task_name(r) for r in config.tasks.meta_train]
     held_out = [task_name(r) for r in config.tasks.held_out]
@@ -64,6 +72,10 @@ def check_split(config: ExperimentConfig) -> None:
     if config.tasks.distance and len(config.tasks.distance) < len(held_out):
         missing = next(t for t in held_out if t not in config.tasks.distance)
         raise ManyICLError(f"tasks.distance: held-out task {missing!r} has no label; say near or far for every held-out task")
+    outside = [t for t in (task_name(r) for r in config.tasks.in_distribution) if t not in train]
+    if outside:
+        raise ManyICLError(f"tasks.in_distribution: {outside[0]!r} is not in tasks.meta_train; in-distribution tasks are "
+                           f"mixture tasks (their test splits show what each fine-tune learned)")
     held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
     both = sorted(set(train) & set(held))
     if both and not config.tasks.allow_overlap:

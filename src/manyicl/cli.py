@@ -41,11 +41,10 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model whose tokenizer is used.")
 @click.option("--n-shots", default=5, show_default=True, type=int, help="Demonstrations for few_shot.")
-@click.option("--balance-labels", is_flag=True, help="Round-robin demonstrations over labels.")
 @click.option("--chat", is_flag=True, help="Use the tokenizer's chat template.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @_friendly
-def show_sequence(data, objective, max_tokens, seed, model, n_shots, balance_labels, chat, fmt) -> None:
+def show_sequence(data, objective, max_tokens, seed, model, n_shots, chat, fmt) -> None:
     """Print one training sequence with its supervised spans highlighted (text) or as token ids (json)."""
     from manyicl.formatter import Formatter
     from manyicl.models import load_tokenizer
@@ -55,7 +54,7 @@ def show_sequence(data, objective, max_tokens, seed, model, n_shots, balance_lab
     task = load_task_dir(data)
     tokenizer = load_tokenizer(model)
     builder = SequenceBuilder(
-        task, tokenizer, Formatter.for_task(task, tokenizer, chat=chat), max_tokens, objective, n_shots, balance_labels
+        task, tokenizer, Formatter.for_task(task, tokenizer, chat=chat), max_tokens, objective, n_shots
     )
     seq = builder.build(seed)
     if fmt == "json":
@@ -97,7 +96,8 @@ def train(config, overrides, resume, overwrite) -> None:
     if os.environ.get("RANK", "0") == "0":
         mixture = json.loads((result.output_dir / "mixture.json").read_text())
         for name, m in mixture.items():
-            click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5}  supervised answers {m['answers']:>7}")
+            click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5} (quota {m['quota']})  "
+                       f"supervised answers {m['answers']:>7}")
         if result.released_freed_memory:
             click.echo("CPU: freed activations were returned to the OS (lower peak memory, slower steps; see training.release_freed_memory)")
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.precision}); weights in {result.weights_dir}")
@@ -115,15 +115,13 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
     from manyicl.config import load_config
     from manyicl.evaluation import run_evaluation
     from manyicl.report import summary_table
-    from manyicl.catalog import load_tasks
+    from manyicl.catalog import evaluation_tasks
 
     cfg = load_config(config, list(overrides) + (["evaluation.prefix_cache=false"] if no_prefix_cache else []))
     adapter = adapter or cfg.model.adapter
     if not cfg.tasks.held_out and not cfg.tasks.forgetting:
         raise ManyICLError("tasks.held_out: nothing to evaluate; list held-out (or forgetting) tasks")
-    tasks = [(t, "held_out") for t in load_tasks(cfg, cfg.tasks.held_out)]
-    tasks += [(t, "forgetting") for t in load_tasks(cfg, cfg.tasks.forgetting)]
-    results = run_evaluation(cfg, tasks, method or ("finetuned" if adapter else "base"), adapter)
+    results = run_evaluation(cfg, evaluation_tasks(cfg), method or ("finetuned" if adapter else "base"), adapter)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank returns the merged results
         click.echo(summary_table(results, cfg.output_dir))
         click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")

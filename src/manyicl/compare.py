@@ -28,7 +28,7 @@ from manyicl.evaluation import run_evaluation
 from manyicl.evaluation.runner import check_contexts
 from manyicl.report import summary_table
 from manyicl.files import write_atomic
-from manyicl.catalog import check_split, load_tasks, task_name
+from manyicl.catalog import check_split, evaluation_tasks, task_name
 from manyicl.methods import METHODS, MIXTURE_METHODS
 from manyicl.sequences import OBJECTIVES
 
@@ -36,8 +36,8 @@ from manyicl.sequences import OBJECTIVES
 # evaluation keys matter only once results.json holds records (a train-only stage has evaluated nothing yet).
 TRAIN_KEYS = ("model", "format", "training", "tasks.data_dir", "tasks.meta_train", "tasks.max_train_examples",
               "tasks.synthetic_seed", "compare.task_level_steps")
-EVAL_KEYS = ("evaluation.max_queries", "evaluation.max_tokens", "evaluation.scoring", "evaluation.multiple_choice",
-             "evaluation.balance_labels", "evaluation.max_new_tokens")
+EVAL_KEYS = ("evaluation.max_queries", "evaluation.max_tokens", "evaluation.scoring", "evaluation.balance_labels",
+             "evaluation.max_new_tokens")
 RESULT_KEYS = TRAIN_KEYS + EVAL_KEYS
 # (compare.task_level_shots may change: added shot counts are evaluated, finished ones kept)
 
@@ -93,7 +93,7 @@ def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = 
     tr["objective"] = METHODS[method].objective
     if method == "task_level":
         data["tasks"]["meta_train"] = [task]
-        data["tasks"]["held_out"], data["tasks"]["forgetting"], data["tasks"]["distance"] = [], [], {}
+        data["tasks"].update(held_out=[], forgetting=[], in_distribution=[], distance={})
         tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
     tr["pack"] = OBJECTIVES[tr["objective"]].isolated
     return ExperimentConfig.model_validate(data)
@@ -129,8 +129,8 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     out = Path(config.output_dir)
     check_same_experiment(out, config, overwrite)
     check_trained_precision(out, config)
-    held = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
-    forgetting = [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
+    tasks = evaluation_tasks(config)  # held-out, forgetting and in-distribution tasks, with their roles
+    held = [(t, role) for t, role in tasks if role == "held_out"]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "compare_config.yaml", dump_config(config))
 
@@ -138,7 +138,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         click.echo(f"== {method}")
         if method == "base":
             if not train_only:
-                run_evaluation(config, held + forgetting, "base", None, out)
+                run_evaluation(config, tasks, "base", None, out)
         elif method == "task_level":
             for ref, (task, role) in zip(config.tasks.held_out, held):
                 adapter = train_stage(method_config(config, "task_level", out, ref))
@@ -148,7 +148,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         else:
             adapter = train_stage(method_config(config, method, out))
             if not train_only:
-                run_evaluation(config, held + forgetting, method, str(adapter), out)
+                run_evaluation(config, tasks, method, str(adapter), out)
     if train_only:
         return None
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError, field_validator
 
 from manyicl.errors import ManyICLError
+from manyicl.formatter import Formatter
 from manyicl.families import FAMILIES, SCORINGS
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
@@ -79,6 +80,9 @@ class TasksConfig(Strict):
     meta_train: list[TaskRef] = Field(default_factory=list)
     held_out: list[TaskRef] = Field(default_factory=list)
     forgetting: list[TaskRef] = Field(default_factory=list)  # benchmarks outside the mixture, for forgetting
+    # mixture tasks evaluated on their test splits (evaluation.in_distribution_shots, and the learning curve): did
+    # each fine-tune learn what it trained on?
+    in_distribution: list[TaskRef] = Field(default_factory=list)
     # held-out task -> "near" (a task of its kind is in the mixture) or "far" (none is); the report groups by it
     distance: dict[str, Literal["near", "far"]] = Field(default_factory=dict)
     allow_overlap: bool = False  # allow a task in both meta_train and held_out (normally an error)
@@ -89,6 +93,13 @@ class TasksConfig(Strict):
 class FormatConfig(Strict):
     chat: bool = False  # render examples with the tokenizer's chat template
     template: dict[str, Any] = Field(default_factory=dict)  # overrides for every task (see formatter.Template)
+    # multiple choice, in training AND evaluation: answers are the option texts (cloze, when records carry choices)
+    # or the letters; one form per task, so a fine-tune is scored on the answers it was trained on
+    multiple_choice: Literal["cloze", "letter"] = "cloze"
+
+    def formatter(self, task: Any, tokenizer: Any) -> Formatter:
+        """The one formatter of a task under this config: training sequences and evaluation prompts alike."""
+        return Formatter.for_task(task, tokenizer, chat=self.chat, multiple_choice=self.multiple_choice, **self.template)
 
 
 class LoraSettings(Strict):
@@ -101,8 +112,7 @@ class LoraSettings(Strict):
 class TrainingConfig(Strict):
     objective: Objective = "many_shot_all"
     max_tokens: int = Field(1024, gt=0)  # token budget per sequence
-    n_shots: int = Field(5, ge=0)  # few_shot demonstrations
-    balance_labels: bool = True  # label-set families: demonstrations in rounds of one example per label
+    n_shots: int = Field(5, ge=0)  # few_shot demonstrations (training sequences are always in i.i.d. order)
     pack: bool = False  # zero_shot / few_shot: pack isolated units up to max_tokens (same tokens per step as many-shot)
     loss_normalization: Literal["token", "target"] = "token"
     finetune: Literal["lora", "full"] = "lora"
@@ -141,13 +151,19 @@ Shots = Union[Annotated[int, Field(ge=0)], Annotated[str, StringConstraints(patt
 class EvaluationConfig(Strict):
     shots: list[Shots] = Field(default_factory=lambda: [0, 4, 16, "max"])
     forgetting_shots: list[Shots] = Field(default_factory=lambda: [5])  # for tasks.forgetting
+    in_distribution_shots: list[Shots] = Field(default_factory=lambda: ["max"])  # for tasks.in_distribution
+    # the in-context learning curve (evaluation/curves.py): NLL of answer k given k - 1 answers, on curve_sequences
+    # many-shot sequences of each held-out and in-distribution task's test split, one forward each
+    learning_curve: bool = False
+    curve_sequences: int = Field(20, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # demonstration draws per (task, shots)
     max_queries: int | None = Field(200, gt=0)  # test queries per cell (None: all); a 0/1 metric's interval is ±0.07 at 200
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
-    balance_labels: bool = True  # label-set families: demonstrations in rounds of one example per label
+    # label-set families: as many demonstrations of each label as fit (the remainder on random labels), laid out in
+    # one random order; false: an i.i.d. sample of the train split
+    balance_labels: bool = True
     # how label candidates are ranked (all four are kept per query; see evaluation/cells.py and docs/EVALUATION.md)
     scoring: Literal[SCORINGS] = "sum"  # type: ignore[valid-type]
-    multiple_choice: Literal["cloze", "letter"] = "cloze"  # score the option texts (when records carry choices) or letters
     prefix_cache: bool = True
     # tokens per forward after the shared prefix: queries with their generation room are grouped up to this many
     # (scored queries with their candidates' trie: up to 512 of them, backend_hf.SCORE_GROUP_TOKENS); the naive
@@ -206,12 +222,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# keys of earlier versions, and what became of them
+RETIRED_KEYS = {
+    "evaluation.multiple_choice": "moved to format.multiple_choice (it decides the answer form of training and "
+                                  "evaluation alike)",
+    "training.balance_labels": "retired: training sequences are always in i.i.d. order (label rounds let answers be "
+                               "guessed from the earlier ones); drop the key",
+}
+
+
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if p not in ("name", "spec") or p == first["loc"][-1])
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        message = "unknown key; check the spelling (see configs/ for every key)"
+        message = RETIRED_KEYS.get(where, "unknown key; check the spelling (see configs/ for every key)")
     return f"{source}: {where}: {message}"
 
 

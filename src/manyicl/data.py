@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import torch
 
 from manyicl.config import ExperimentConfig
-from manyicl.formatter import Formatter
 from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
 from manyicl.tasks import Task
 
@@ -22,9 +22,8 @@ def make_builders(config: ExperimentConfig, tasks: list[Task], tokenizer: Any) -
     tr = config.training
     builders = {}
     for task in tasks:
-        formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
         builders[task.name] = SequenceBuilder(
-            task, tokenizer, formatter, tr.max_tokens, tr.objective, tr.n_shots, tr.balance_labels
+            task, tokenizer, config.format.formatter(task, tokenizer), tr.max_tokens, tr.objective, tr.n_shots
         )
     return builders
 
@@ -36,14 +35,38 @@ def mixture_weights(tasks: list[Task], temperature: float, cap: int | None) -> d
     return {name: w / total for name, w in raw.items()}
 
 
+def mixture_quotas(weights: dict[str, float], n_sequences: int) -> dict[str, int]:
+    """Sequences per task: ``n_sequences`` x weight rounded by largest remainder, at least one per task, so every
+    listed task is trained on (independent draws gave two of twelve tasks no sequence in a 100-step run). A run
+    with fewer sequences than tasks gives one each to the heaviest tasks, with a warning naming the others."""
+    names = sorted(weights)
+    if n_sequences < len(names):
+        heaviest = sorted(names, key=lambda t: -weights[t])[:n_sequences]
+        left_out = [t for t in names if t not in heaviest]
+        warnings.warn(f"training.max_steps: the run has {n_sequences} sequences, too few for the {len(names)} mixture "
+                      f"tasks, so none for {', '.join(left_out)}; raise training.max_steps (or batch_size) to at least "
+                      f"{len(names)} sequences to train on every task", stacklevel=3)
+        return {t: int(t in heaviest) for t in names}
+    exact = {t: n_sequences * weights[t] for t in names}
+    counts = {t: max(1, math.floor(exact[t])) for t in names}
+    while sum(counts.values()) < n_sequences:  # the largest remainders get one more
+        counts[max(names, key=lambda t: exact[t] - counts[t])] += 1
+    while sum(counts.values()) > n_sequences:  # the minimum of one overshot: the smallest remainders give one back
+        counts[min((t for t in names if counts[t] > 1), key=lambda t: exact[t] - counts[t])] -= 1
+    return counts
+
+
 class MixtureDataset(torch.utils.data.Dataset):
-    """Sequence i is a deterministic function of (seed, i): its task is drawn from the mixture weights and its
-    examples from that task. Built lazily, so a run of any length starts at once and any rank can build any item."""
+    """Sequence i is a deterministic function of (seed, i): its task comes from a seeded random interleaving of
+    the tasks' quotas (``mixture_quotas``), its examples from that task. Built lazily, so a run of any length
+    starts at once and any rank can build any item."""
 
     def __init__(self, builders: dict[str, SequenceBuilder], weights: dict[str, float], n_sequences: int, seed: int, pack: bool):
         self.builders, self.seed, self.n = builders, seed, n_sequences
         self.names = sorted(builders)
-        self.weights = [weights[n] for n in self.names]
+        self.quotas = mixture_quotas({n: weights[n] for n in self.names}, n_sequences)
+        self.assignment = [name for name in self.names for _ in range(self.quotas[name])]
+        random.Random(f"mixture:{seed}").shuffle(self.assignment)
         # rows of packed isolated units (zero/few-shot): positions restart at every unit
         self.packed = pack and any(b.spec.isolated for b in builders.values())
 
@@ -51,17 +74,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         return self.n
 
     def task_of(self, i: int) -> str:
-        return random.Random(f"mixture:{self.seed}:{i}").choices(self.names, self.weights)[0]
-
-    def undrawn_tasks(self) -> list[str]:
-        """Tasks that no sequence of the run draws: the draws are fixed by the seed, so this is known before
-        training. Stops at the first draw that completes the set (at once for any run long enough)."""
-        missing = set(self.names)
-        for i in range(self.n):
-            missing.discard(self.task_of(i))
-            if not missing:
-                break
-        return sorted(missing)
+        return self.assignment[i]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.task_of(i)

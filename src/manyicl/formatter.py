@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from manyicl.errors import ManyICLError
 from manyicl.families import FAMILIES
+from manyicl.tasks import answer_form, choice_text
 
 MAX_HINT_LABELS = 3
 
@@ -60,8 +61,11 @@ class Rendered:
 
 
 class Formatter:
-    def __init__(self, template: Template, tokenizer: Any = None):
+    def __init__(self, template: Template, tokenizer: Any = None, answer_form: str = "label"):
         self.template = template
+        # how answers are written (tasks.answer_form): decided here, once, so that a training sequence supervises
+        # exactly the answer text that evaluation scores (cloze: the option text, never its letter)
+        self.answer_form = answer_form
         if template.chat:
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                 raise ManyICLError("template.chat: the model's tokenizer has no chat template; set template.chat=false")
@@ -70,11 +74,16 @@ class Formatter:
             )
 
     @classmethod
-    def for_task(cls, task: Any, tokenizer: Any = None, chat: bool | None = None, **overrides: Any) -> "Formatter":
+    def for_task(cls, task: Any, tokenizer: Any = None, chat: bool | None = None, multiple_choice: str = "cloze",
+                 **overrides: Any) -> "Formatter":
         options = {**task.template, **overrides}
         if chat is not None:
             options["chat"] = chat
-        return cls(Template.for_family(task.family, task.labels or (), **options), tokenizer)
+        return cls(Template.for_family(task.family, task.labels or (), **options), tokenizer, answer_form(task, multiple_choice))
+
+    def target(self, example: Any) -> str:
+        """The answer of an example as it is written after its prompt (and supervised, and scored)."""
+        return choice_text(example, example.output) if self.answer_form == "cloze" else example.output
 
     # ---- the pieces
     @property
@@ -121,7 +130,7 @@ class Formatter:
         pos = len(self.header)
         example_spans, target_spans = [], []
         for ex in examples:
-            p, a = self.prompt(ex.input), self.answer(ex.output)
+            p, a = self.prompt(ex.input), self.answer(self.target(ex))
             example_spans.append((pos, pos + len(p) + len(a)))
             target_spans.append((pos + len(p), pos + len(p) + len(a)))
             parts += [p, a]

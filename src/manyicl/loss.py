@@ -25,7 +25,7 @@ class LossStats:
     answers: int
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     inner = getattr(model, "module", model)  # DDP wrapper
     inner = getattr(inner, "get_base_model", lambda: inner)()  # PEFT wrapper
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -56,7 +56,7 @@ def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: 
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
     else:  # a custom model without the API: same loss, full logits
         logits = model(**inputs, use_cache=False).logits[keep]
@@ -70,7 +70,8 @@ def target_only_loss(model: Any, batch: dict[str, torch.Tensor], normalization: 
     if num_items is None:
         num_items = counts.numel() if normalization == "target" else targets.numel()
     loss = summed / (num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1))
-    tokens = int(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None else labels.numel()
+    padding = batch.get("attention_mask")  # a 2D padding mask; packed rows (no mask, or a 4D one) have no padding
+    tokens = int(padding.sum()) if padding is not None and padding.ndim == 2 else labels.numel()
     return loss, LossStats(tokens, int(targets.numel()), int(counts.numel()))
 
 

@@ -104,11 +104,16 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def text_config(config: Any) -> Any:
+    """The language model's own config (multimodal configs nest it; text-only ones are it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def windowed_attention(model: Any, max_tokens: int) -> str | None:
     """Why this model's attention is not plain causal attention over ``max_tokens`` tokens (sliding windows narrower
     than that, or several kinds of layers), if it is not. Custom attention paths (the evaluation's shared prefix,
     training's packed units) must then leave the model to its own masks."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < max_tokens:
         return f"sliding-window attention ({window} tokens)"

@@ -1,14 +1,18 @@
-"""Packed isolated units at full speed: each unit attends causally to itself only, without a dense mask.
+"""Packed isolated units: each unit attends causally to itself only, by construction.
 
 Zero- and few-shot baselines pack several short units (one example, or a few demonstrations and a query) into
-one row so that every method trains on the same tokens per step; positions restart at every unit. transformers
-isolates such units with a dense block-diagonal mask, which takes SDPA off its causal fast path: packed rows ran
-~50 % slower per token than many-shot rows. Here the attention runs per unit with ``is_causal=True`` (the units
-are found where positions restart), which is exactly attention within each unit, the only attention a packed
-unit may have, at the cost of the unit's own causal triangle.
+one row so that every method trains on the same tokens per step; positions restart at every unit. Nothing here
+relies on transformers inferring the units from the positions (with SDPA, no mask and transformers 5 it does not
+always: units then attend to each other and silently become an in-context sequence). Instead, one of two ways:
 
-Used only for packed training rows (no padding mask, positions restart); a model whose attention is not plain
-SDPA over the whole context (sliding windows narrower than the row, other layer types) keeps transformers' mask.
+- ``per_unit``: for plain SDPA over the whole row the attention runs per unit with ``is_causal=True`` (the units
+  are found where positions restart) — exactly attention within each unit, at full speed: a dense mask takes SDPA
+  off its causal fast path (packed rows ran ~50 % slower per token than many-shot rows).
+- ``mask``: for eager attention, or a sliding window that applies to every layer, an explicit block-diagonal
+  causal mask (with the window) is handed to the model as a 4D mask, which transformers uses as given.
+
+A model for which neither is exact (another attention implementation, layers of several kinds with a window
+narrower than the row) is refused in one line before training (``packed_isolation``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from manyicl.models import windowed_attention
+from manyicl.errors import ManyICLError
+from manyicl.models import text_config, windowed_attention
 
 ATTENTION_NAME = "manyicl_packed_sdpa"
 
@@ -61,19 +66,69 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def supports_packed_attention(model: Any, max_tokens: int) -> bool:
-    """Plain SDPA over the whole row: no sliding window narrower than the row, one kind of attention layer."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    return windowed_attention(model, max_tokens) is None
+def mask_window(model: Any, max_tokens: int) -> int | None:
+    """The sliding window every layer applies within ``max_tokens`` (None: none narrower than the row); raises
+    when the layers differ in a way that one mask cannot express."""
+    config = text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_tokens or getattr(config, "use_sliding_window", True) is False:
+        window = None
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return window
+    if kinds == {"full_attention", "sliding_attention"} and window is None:
+        return None  # the window is at least as wide as the row: every layer attends the same way
+    raise ManyICLError(f"training.pack: this model's layers attend in several ways ({', '.join(sorted(kinds))}"
+                       f"{f', window {window}' if window else ''}), so one mask cannot isolate packed units in all of "
+                       f"them; set training.pack=false (or training.max_tokens to at most the window)")
+
+
+def packed_isolation(model: Any, max_tokens: int) -> str:
+    """How packed units are kept apart for this model: "per_unit" or "mask" (module docstring); refuses otherwise."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation == "sdpa" and windowed_attention(model, max_tokens) is None:
+        return "per_unit"
+    if implementation not in ("sdpa", "eager"):
+        raise ManyICLError(f"training.pack: packed units are isolated only with sdpa or eager attention, and this model "
+                           f"uses {implementation}; set training.pack=false or load the model with sdpa attention")
+    mask_window(model, max_tokens)  # raises where one mask cannot serve every layer
+    return "mask"
+
+
+def block_causal_mask(position_ids: torch.Tensor, window: int | None = None, additive_dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:
+    """(batch, 1, tokens, tokens): token q may attend to token k iff both are in the same unit (a unit starts where
+    the position is 0) and 0 <= q - k < window. Boolean (True = attend) for SDPA; with ``additive_dtype``, 0 where
+    allowed and the dtype's minimum elsewhere (eager attention adds the mask to its scores)."""
+    unit = (position_ids == 0).cumsum(-1)
+    same_unit = unit[:, :, None] == unit[:, None, :]
+    q = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    distance = q[:, None] - q[None, :]
+    allowed = same_unit & (distance >= 0)
+    if window is not None:
+        allowed &= distance < window
+    allowed = allowed[:, None]
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(additive_dtype).min)
+
+
+def isolating_mask(model: Any, position_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """The explicit mask of the ``mask`` way for this model's attention implementation."""
+    eager = model.config._attn_implementation == "eager"
+    dtype = next(p.dtype for p in model.parameters()) if eager else None
+    return block_causal_mask(position_ids, mask_window(model, max_tokens), dtype)
 
 
 @contextmanager
 def packed_attention(model: Any, max_tokens: int) -> Iterator[bool]:
-    """Within the block, the model attends within packed units without a dense mask (where it can: yields
-    whether it does); the attention setting is restored afterwards, so nothing of it is saved with the weights."""
-    if not supports_packed_attention(model, max_tokens):
+    """Within the block, the model attends per packed unit without a dense mask where it can (``per_unit``; yields
+    whether it does: otherwise the trainer hands it ``isolating_mask``); the attention setting is restored
+    afterwards, so nothing of it is saved with the weights."""
+    if packed_isolation(model, max_tokens) != "per_unit":
         yield False
         return
     from transformers import AttentionInterface

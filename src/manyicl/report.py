@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from manyicl.curve_report import curve_plot, curve_sections
 from manyicl.errors import ManyICLError
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
@@ -157,6 +158,7 @@ def write_report(run_dir: str | Path) -> Path:
     methods = _methods(results)
     held = sorted({r["task"] for r in results if r.get("role", "held_out") == "held_out"})
     forgetting = sorted({r["task"] for r in results if r.get("role") == "forgetting"})
+    in_distribution = sorted({r["task"] for r in results if r.get("role") == "in_distribution"})
     shots = headline_shots(results) if held else "0"
     distance = _distances(run_dir)
     groups = _groups(held, distance)
@@ -173,11 +175,15 @@ def write_report(run_dir: str | Path) -> Path:
         lines += _shot_scaling(cells, methods, held, results, shots)
         lines += _longer_contexts(cells, methods, held, results, shots)
     if forgetting:
-        lines += _forgetting_table(cells, methods, forgetting, headline_shots(results, "forgetting"))
+        lines += _versus_base_table(cells, methods, forgetting, headline_shots(results, "forgetting"), FORGETTING)
+    if in_distribution:
+        lines += _versus_base_table(cells, methods, in_distribution, headline_shots(results, "in_distribution"),
+                                    IN_DISTRIBUTION)
+    lines += curve_sections(run_dir)
     lines += _flagged(results)
     curves = _training_curves(run_dir)
     lines += curves[0]
-    plots = _plots(run_dir, cells, methods, held, shots) + curves[1]
+    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir) + curves[1]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
     lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
     report = run_dir / "report.md"
@@ -481,11 +487,26 @@ def _gap_closed(rows: list[tuple]) -> list[str]:
     return lines + [""]
 
 
-def _forgetting_table(cells: dict, methods: list[str], tasks: list[str], shots: str) -> list[str]:
-    lines = [f"## Forgetting (benchmarks outside the mixture, {shots} shots)", "",
-             "Drop = base − method on the same queries and seeds (paired interval; **bold** = significant after "
-             "Benjamini-Hochberg over this table).", "",
-             "| task | method | before (base) | after | drop |", "|---|---|---:|---:|---:|"]
+@dataclass(frozen=True)
+class VersusBase:
+    """A table of every fine-tune against the untuned model on tasks evaluated for one purpose."""
+
+    heading: str
+    column: str  # what the paired difference is called
+    sign: int  # +1: method − base; -1: base − method
+    values: str  # the headers of the two value columns
+
+
+FORGETTING = VersusBase("Forgetting (benchmarks outside the mixture", "drop", -1, "before (base) | after")
+IN_DISTRIBUTION = VersusBase("In distribution (the mixture's own tasks, their test splits", "gain", +1, "base | fine-tuned")
+
+
+def _versus_base_table(cells: dict, methods: list[str], tasks: list[str], shots: str, kind: VersusBase) -> list[str]:
+    what = "method − base" if kind.sign > 0 else "base − method"
+    lines = [f"## {kind.heading}, {shots} shots)", "",
+             f"{kind.column.capitalize()} = {what} on the same queries and seeds (paired interval; **bold** = "
+             "significant after Benjamini-Hochberg over this table).", "",
+             f"| task | method | {kind.values} | {kind.column} |", "|---|---|---:|---:|---:|"]
     entries = []
     for t in tasks:
         base = cells.get(("base", t, shots))
@@ -493,7 +514,8 @@ def _forgetting_table(cells: dict, methods: list[str], tasks: list[str], shots: 
             cell = cells.get((m, t, shots))
             if m == "base" or cell is None:
                 continue
-            entries.append((t, m, base, cell, _paired_over(cells, "base", m, [t], shots)))
+            entries.append((t, m, base, cell, _paired_over(cells, *(("base", m) if kind.sign < 0 else (m, "base")),
+                                                            [t], shots)))
     marks = iter(significant([d.p_value for *_, d in entries if d is not None]))
     for t, m, base, cell, drop in entries:
         text = _fmt_difference(drop, drop is not None and next(marks))

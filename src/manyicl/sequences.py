@@ -144,7 +144,6 @@ class SequenceBuilder:
     max_tokens: int
     objective: str = "many_shot_all"
     n_shots: int = 5
-    balance_labels: bool = False
     _lengths: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,7 +160,7 @@ class SequenceBuilder:
 
     def check_budget(self) -> None:
         """Fail before any training if some answer cannot fit the budget even with an empty input."""
-        answers = [self.formatter.answer(ex.output) for ex in self.task.train]
+        answers = [self.formatter.answer(self.formatter.target(ex)) for ex in self.task.train]
         lengths = [len(ids) for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
         worst = max(range(len(lengths)), key=lengths.__getitem__)
         self.shorten(self.task.train[worst])  # raises with the example's file:line if it cannot fit
@@ -172,9 +171,9 @@ class SequenceBuilder:
             self._lengths[index] = self._example_cost(self.task.train[index])
         return self._lengths[index]
 
-    # ---- sampling order
+    # ---- sampling order: i.i.d., so no answer can be told from the answers before it (tests/test_leakage.py)
     def order(self, rng: random.Random) -> list[int]:
-        return self.task.order(rng, self.balance_labels)
+        return self.task.order(rng)
 
     # ---- building
     def build(self, seed: int) -> Sequence:
@@ -204,10 +203,10 @@ class SequenceBuilder:
                 kept = kept[:-1]
 
     def _example_cost(self, ex: Example) -> int:
-        return self._count(self.formatter.prompt(ex.input) + self.formatter.answer(ex.output))
+        return self._count(self.formatter.prompt(ex.input) + self.formatter.answer(self.formatter.target(ex)))
 
     def shorten(self, ex: Example, slack: int = 0) -> Example:
-        fixed = self._overhead + self._example_cost(Example("", ex.output))
+        fixed = self._overhead + self._example_cost(Example("", ex.output, choices=ex.choices))
         room = self.max_tokens - fixed - slack
         if room < 0 or (room == 0 and ex.input):
             where = f" ({ex.source})" if ex.source else ""
@@ -216,7 +215,7 @@ class SequenceBuilder:
                 f"without its input; raise max_tokens"
             )
         ids = self.tokenizer(ex.input, add_special_tokens=False)["input_ids"][:room]
-        return Example(self.tokenizer.decode(ids).strip(), ex.output, ex.answers, ex.source)
+        return Example(self.tokenizer.decode(ids).strip(), ex.output, ex.answers, ex.source, ex.choices)
 
     def _tokenize(self, examples: list[Example], n_truncated: int) -> Sequence:
         rendered = self.formatter.render(examples)
@@ -229,9 +228,10 @@ class SequenceBuilder:
     def build_packed(self, seed: int) -> Sequence:
         """Isolated units (one example for zero_shot, demonstrations + query for few_shot) packed up to the budget.
 
-        Positions restart at every unit; transformers turns restarting ``position_ids`` (with no attention mask
-        and no cache) into a block-diagonal mask, so no unit attends to another — otherwise packed zero-shot
-        examples would silently become an ICL sequence. Lets every objective train on the same tokens per step.
+        Positions restart at every unit. The trainer isolates the units by construction (packing.py: attention
+        run per unit, or an explicit block-diagonal mask handed to the model; a model that allows neither is
+        refused), never by relying on transformers to infer it: otherwise packed zero-shot examples would silently
+        become an ICL sequence. Lets every objective train on the same tokens per step.
         """
         ids: list[int] = []
         labels: list[int] = []

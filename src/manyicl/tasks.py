@@ -64,23 +64,56 @@ class Task:
         """The class an example belongs to for label-balanced sampling (its whole output)."""
         return example.output
 
-    def order(self, rng: random.Random, balance_labels: bool = False) -> list[int]:
-        """Indices of train examples in the order they are used, for training sequences and evaluation prompts
-        alike. Label-balanced: rounds of one example per label, each round in its own random order, so any
-        leading run is balanced (to one example per label) and no label block sits at the end of a context."""
+    def order(self, rng: random.Random) -> list[int]:
+        """Indices of train examples in i.i.d. order: the order of training sequences. No rounds or other structure,
+        so an answer can never be guessed from the answers before it (tests/test_leakage.py)."""
         indices = list(range(len(self.train)))
         rng.shuffle(indices)
-        if not (balance_labels and FAMILIES[self.family].label_set):
+        return indices
+
+    def balanced_picks(self, rng: random.Random) -> list[int]:
+        """Indices in the order examples are PICKED for label-balanced evaluation prompts: one example per label in
+        turn (each turn's labels in random order), so any leading run holds every label equally often, to one, with
+        the remainder on random labels. The picked examples are then laid out in a fresh random order
+        (``shuffled``): this order only decides which examples are used, never where they stand."""
+        indices = self.order(rng)
+        if not FAMILIES[self.family].label_set:
             return indices
         by_label: dict[str, list[int]] = {}
         for i in indices:
             by_label.setdefault(self.label_of(self.train[i]), []).append(i)
         out = []
         for k in range(max(len(g) for g in by_label.values())):
-            round_ = [g[k] for g in by_label.values() if k < len(g)]
-            rng.shuffle(round_)
-            out += round_
+            turn = [g[k] for g in by_label.values() if k < len(g)]
+            rng.shuffle(turn)
+            out += turn
         return out
+
+
+def shuffled(items: list, rng: random.Random) -> list:
+    """A copy of ``items`` in random order."""
+    items = list(items)
+    rng.shuffle(items)
+    return items
+
+
+def choice_text(example: Example, letter: str) -> str:
+    """The option text that a multiple-choice answer letter names."""
+    index = ord(letter) - ord("A")
+    if len(letter) != 1 or not 0 <= index < len(example.choices):
+        raise ManyICLError(f"{example.source}: answer {letter!r} is not a letter of its {len(example.choices)} choices")
+    return example.choices[index]
+
+
+def answer_form(task: Task, multiple_choice: str = "cloze") -> str:
+    """How a task's answers are written, in training and evaluation alike: "cloze" (a multiple-choice answer is the
+    chosen option's text, as lm-evaluation-harness scores ARC and OpenBookQA) when every example carries its
+    ``choices`` and ``format.multiple_choice`` asks for it; "letter" for other multiple-choice tasks; "label" for
+    the other ranked families; "generated" for the rest."""
+    if task.family != "multiple_choice":
+        return "label" if FAMILIES[task.family].ranked else "generated"
+    with_choices = all(ex.choices for ex in task.train + task.test)
+    return "cloze" if multiple_choice == "cloze" and with_choices else "letter"
 
 
 def take_fitting(indices: Iterable[int], cost: Callable[[int], int], budget: int) -> list[int]:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from manyicl.files import write_atomic
 from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.models import load_model, load_tokenizer, resolve_model
-from manyicl.packing import packed_attention
+from manyicl.packing import isolating_mask, packed_attention, packed_isolation
 from manyicl.precision import keep_lora_sums_fp32, resolve_precision
 
 
@@ -45,9 +44,12 @@ from manyicl.precision import keep_lora_sums_fp32, resolve_precision
 class ManyICLTrainer(Trainer):
     """transformers.Trainer with the target-only loss; it also counts tokens, answers and sequences per task."""
 
-    def __init__(self, *args: Any, loss_normalization: str = "token", task_names: Sequence[str] = (), **kwargs: Any):
+    def __init__(self, *args: Any, loss_normalization: str = "token", task_names: Sequence[str] = (),
+                 config_hash: str = "", precision: str = "fp32", packed_mask_tokens: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_normalization = loss_normalization
+        # packed rows of a model that cannot attend per unit get an explicit block-diagonal mask (packing.py)
+        self.packed_mask_tokens = packed_mask_tokens
         self.task_names = list(task_names)
         # compute_loss divides by the step's global count (num_items_in_batch): the Trainer must not also divide
         # by the accumulation steps
@@ -58,7 +60,7 @@ class ManyICLTrainer(Trainer):
         # the tasks of this rank's sequences in the current step (train_log.jsonl: per-task loss curves)
         self.step_tasks: list[str] = []
         self.last_step_tasks: list[str] = []
-        self.config_hash, self.precision = "", "fp32"  # set by train(); both go into every checkpoint's marker
+        self.config_hash, self.precision = config_hash, precision  # both go into every checkpoint's marker
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
@@ -77,6 +79,8 @@ class ManyICLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sequence_ids = inputs.pop("sequence_id")
         task_ids = inputs.pop("task_id")
+        if self.packed_mask_tokens and "position_ids" in inputs:
+            inputs["attention_mask"] = isolating_mask(self.model, inputs["position_ids"], self.packed_mask_tokens)
         loss, stats = target_only_loss(model, inputs, self.loss_normalization, num_items_in_batch)
         if num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP/FSDP average gradients over ranks: undo it
@@ -183,7 +187,14 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     for b in builders.values():
         b.check_budget()
 
-    # 2. the model, with LoRA or for full fine-tuning
+    # 2. the data: sequences built lazily from the mixture, every task's share fixed in advance (data.py)
+    weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = tr.batch_size * tr.grad_accum * world
+    steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
+    dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
+
+    # 3. the model, with LoRA or for full fine-tuning
     dtype = None if tr.dtype == "auto" else getattr(torch, tr.dtype)
     set_seed(tr.seed)  # LoRA initialisation draws from the global RNG: seed it before, not only in Trainer
     model = load_model(config.model.name, config.model.trust_remote_code, dtype)
@@ -208,17 +219,8 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         check_precision(checkpoint, precision)
     if precision == "bf16" and tr.finetune == "lora":
         keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
-
-    # 3. the data: sequences drawn lazily from the mixture
-    weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = tr.batch_size * tr.grad_accum * world
-    steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
-    dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
-    if never := dataset.undrawn_tasks():
-        # a short run draws few sequences: a small task may get none (configs/real_smollm2.yaml: 2 of 12 in 100 draws)
-        warnings.warn(f"tasks.meta_train: {', '.join(never)} get no sequence in this run's {dataset.n} draws from the "
-                      f"mixture (training.seed {tr.seed}); raise training.max_steps to train on them", stacklevel=2)
+    # packed units are isolated by construction, per unit or by an explicit mask; a model that allows neither is refused
+    isolation = packed_isolation(model, tr.max_tokens) if dataset.packed else None
 
     # 4. the trainer
     args = TrainingArguments(
@@ -248,9 +250,9 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     )
     trainer = ManyICLTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=lambda items: collate(items, tokenizer.pad_token_id),
-        loss_normalization=tr.loss_normalization, task_names=dataset.names,
+        loss_normalization=tr.loss_normalization, task_names=dataset.names, config_hash=chash, precision=precision,
+        packed_mask_tokens=tr.max_tokens if isolation == "mask" else None,
     )
-    trainer.config_hash, trainer.precision = chash, precision
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(TrainLog(out / "train_log.jsonl", trainer))
@@ -288,7 +290,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     if trainer.is_world_process_zero():
         if tr.finetune == "full":
             tokenizer.save_pretrained(weights_dir)
-        mixture = {n: {"weight": round(weights[n], 4), **counts[n]} for n in dataset.names}
+        mixture = {n: {"weight": round(weights[n], 4), "quota": dataset.quotas[n], **counts[n]} for n in dataset.names}
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
         write_atomic(out / "train_summary.json", json.dumps({
             "steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir), "released_freed_memory": released,

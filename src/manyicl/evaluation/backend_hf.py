@@ -21,7 +21,7 @@ import torch
 
 from manyicl.evaluation.backend import Stop
 from manyicl.evaluation.kv_store import InPlaceKV, gqa_attention
-from manyicl.models import windowed_attention
+from manyicl.models import text_config, windowed_attention
 
 MIN_GROUP_TOKENS = 512
 # Scoring groups: every group token attends over the prefix AND the whole group under a block mask, so the masked
@@ -38,7 +38,7 @@ def exact_reuse_problem(model: Any, max_tokens: int) -> str | None:
     problem = windowed_attention(model, max_tokens)
     if problem:
         return problem
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} (needs sdpa or eager for a custom mask)"
@@ -130,7 +130,7 @@ class SharedPrefixBackend:
     def _store_with(self, prefix: list[int]) -> InPlaceKV:
         """The store holding ``prefix``; computed once per distinct prefix (once per cell)."""
         if self._prefix != tuple(prefix):
-            config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+            config = text_config(self.model.config)
             self._store = InPlaceKV(config.num_hidden_layers)
             self._store.reserve(len(prefix) + self.batch_tokens)
             if prefix:

@@ -17,7 +17,7 @@ from manyicl.errors import ManyICLError
 from manyicl.families import FAMILIES
 from manyicl.formatter import Formatter
 from manyicl.sequences import leading_special_ids, tokenize_spans
-from manyicl.tasks import Example, Task, take_fitting
+from manyicl.tasks import Example, Task, shuffled, take_fitting
 
 CONTENT_FREE_INPUTS = ("N/A", "")  # contextual calibration (Zhao et al. 2021)
 
@@ -46,43 +46,20 @@ def check_shots(task: Task, shots: int | str) -> None:
         raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split ({len(task.train)} examples); lower it")
 
 
-def answer_form(task: Task, multiple_choice: str = "cloze") -> str:
-    """How a multiple-choice task is answered: "cloze" (the option text, as lm-evaluation-harness does for ARC and
-    OpenBookQA) when every example carries its ``choices`` and the config asks for it; "letter" otherwise."""
-    if task.family != "multiple_choice":
-        return "label" if FAMILIES[task.family].ranked else "generated"
-    with_choices = all(ex.choices for ex in task.train + task.test)
-    return "cloze" if multiple_choice == "cloze" and with_choices else "letter"
-
-
 class Prompter:
     """The prompts of one task under one context budget."""
 
-    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int, max_new_tokens: int | None = None,
-                 multiple_choice: str = "cloze"):
+    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int, max_new_tokens: int | None = None):
         self.task, self.tokenizer, self.formatter, self.max_tokens = task, tokenizer, formatter, max_tokens
         self.family = FAMILIES[task.family]
         self.ranked = self.family.ranked
         self.labels = tuple(task.labels or ())
         self.max_new_tokens = max_new_tokens or self.family.max_new_tokens or 64
-        self.answer_form = answer_form(task, multiple_choice)
+        self.answer_form = formatter.answer_form  # decided by the formatter, for training and evaluation alike
         self.lead = leading_special_ids(tokenizer)
         self._costs: dict[int, int] = {}
 
     # ---- answers
-    def shown(self, example: Example) -> Example:
-        """The example as the prompt shows it: in cloze form, the answer is the chosen option's text."""
-        if self.answer_form != "cloze":
-            return example
-        return Example(example.input, self.choice_text(example, example.output), example.answers, example.source, example.choices)
-
-    @staticmethod
-    def choice_text(example: Example, letter: str) -> str:
-        index = ord(letter) - ord("A")
-        if len(letter) != 1 or not 0 <= index < len(example.choices):
-            raise ManyICLError(f"{example.source}: answer {letter!r} is not a letter of its {len(example.choices)} choices")
-        return example.choices[index]
-
     def candidates(self, example: Example) -> tuple[list[str], list[str]]:
         """(names, texts): what a prediction is called (label or letter) and the text scored for it."""
         if self.answer_form == "cloze":
@@ -93,16 +70,20 @@ class Prompter:
     def example_tokens(self, index: int) -> int:
         """Token count of one train example (prompt + answer) on its own; a close estimate of its cost in context."""
         if index not in self._costs:
-            ex = self.shown(self.task.train[index])
-            text = self.formatter.prompt(ex.input) + self.formatter.answer(ex.output)
+            ex = self.task.train[index]
+            text = self.formatter.prompt(ex.input) + self.formatter.answer(self.formatter.target(ex))
             self._costs[index] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._costs[index]
 
     def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example]) -> list[Example]:
-        """The first ``shots`` examples of the seeded order that fit next to the longest query that fits at all."""
+        """The first ``shots`` examples of the seeded picking order that fit next to the longest query that fits at
+        all, laid out in one random order. ``balance``: label-set tasks get as many examples of each label as fit
+        (the remainder on random labels, Task.balanced_picks), so the prompt's label counts say nothing about the
+        query's label; otherwise an i.i.d. sample."""
         check_shots(self.task, shots)
-        order = self.task.order(random.Random(f"eval:{self.task.name}:{seed}"), balance)
-        wanted = order if shots == "max" else order[:shots]
+        rng = random.Random(f"eval:{self.task.name}:{seed}")
+        picks = self.task.balanced_picks(rng) if balance else self.task.order(rng)
+        wanted = picks if shots == "max" else picks[:shots]
         reserve = 0
         for q in queries:
             need = self.query_budget(self.encode_query("", q))
@@ -110,10 +91,15 @@ class Prompter:
                 reserve = max(reserve, need)
         header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
         budget = self.max_tokens - reserve - len(self.lead) - len(header)
-        chosen = [self.task.train[i] for i in take_fitting(wanted, self.example_tokens, budget)]
-        # token counts of separate examples can differ slightly in context: trim until the prefix really fits
+        picked = take_fitting(wanted, self.example_tokens, budget)
+        layout = shuffled(picked, rng)  # where each demonstration stands: one random order, no label rounds
+        chosen = [self.task.train[i] for i in layout]
+        # token counts of separate examples can differ slightly in context: trim (the last picked first, which
+        # keeps the counts balanced) until the prefix really fits
         while chosen and len(self.prefix_ids(chosen)) > self.max_tokens - reserve:
-            chosen.pop()
+            picked.pop()
+            kept = set(picked)
+            chosen = [self.task.train[i] for i in layout if i in kept]
         if shots != "max" and len(chosen) < shots:
             warnings.warn(f"{self.task.name}: only {len(chosen)} of {shots} demonstrations fit in {self.max_tokens} tokens", stacklevel=2)
         return chosen
@@ -121,7 +107,7 @@ class Prompter:
     # ---- token ids
     def _prefix_text(self, demos: list[Example]) -> tuple[Any, str]:
         """The demonstrations as shown, and the text they share (without the continuation that closes a render)."""
-        rendered = self.formatter.render([self.shown(d) for d in demos])  # ends with the continuation: the last
+        rendered = self.formatter.render(demos)  # ends with the continuation: the last
         # delimiter tokenizes as in training
         return rendered, rendered.text[: len(rendered.text) - len(self.formatter.continuation)]
 

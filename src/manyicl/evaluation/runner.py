@@ -19,12 +19,15 @@ import torch
 from manyicl.errors import ManyICLError
 from manyicl.evaluation.backend_hf import hf_backend
 from manyicl.evaluation.cells import evaluate_cell
-from manyicl.evaluation.prompting import Prompter, answer_form, check_shots, shot_budget
+from manyicl.evaluation.curves import run_curves
+from manyicl.evaluation.prompting import Prompter, check_shots, shot_budget
 from manyicl.families import FAMILIES
 from manyicl.files import write_atomic
-from manyicl.formatter import Formatter
 from manyicl.metrics import rouge_setup
-from manyicl.tasks import Example, Task
+from manyicl.tasks import Example, Task, answer_form, choice_text
+
+
+CURVE_ROLES = ("held_out", "in_distribution")  # the tasks whose learning curves are measured
 
 
 @dataclass
@@ -51,7 +54,7 @@ def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], mul
         return
     if answer_form(task, multiple_choice) == "cloze":
         for q in queries:
-            Prompter.choice_text(q, q.output)  # the gold letter names one of the query's choices
+            choice_text(q, q.output)  # the gold letter names one of the query's choices
         return
     for q in queries:
         if q.output not in labels:
@@ -65,7 +68,7 @@ def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
 
     ev = config.evaluation
     budget = ev.max_tokens or config.training.max_tokens
-    longest = max(shot_budget(k, budget)[1] for k in [*(shots or ev.shots), *ev.forgetting_shots, 0])
+    longest = max(shot_budget(k, budget)[1] for k in [*(shots or ev.shots), *ev.forgetting_shots, *ev.in_distribution_shots, 0])
     context = context_length(config.model.name, config.model.trust_remote_code)
     if context and longest > context:
         raise ManyICLError(f"evaluation: a context of {longest} tokens exceeds the model's context length ({context}); "
@@ -108,7 +111,9 @@ def run_evaluation(
 ) -> list[dict]:
     """Evaluate every (task, shots, seed) cell not already in ``<output_dir>/results.json``.
 
-    ``tasks`` pairs each task with its role ("held_out" or "forgetting").
+    ``tasks`` pairs each task with its role ("held_out", "forgetting" or "in_distribution"). With
+    ``evaluation.learning_curve`` the held-out and in-distribution tasks also get their learning curves
+    (curves.py, into ``<output_dir>/curves.json``).
     """
     from tqdm.auto import tqdm
 
@@ -123,12 +128,14 @@ def run_evaluation(
 
     # plan and validate everything before any model work or any write
     plan: list[Cell] = []
+    role_shots = {"held_out": shots or ev.shots, "forgetting": ev.forgetting_shots,
+                  "in_distribution": ev.in_distribution_shots}
     for task, role in tasks:
         queries = task.test[: ev.max_queries] if ev.max_queries else task.test
         if not queries:
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
-        check_golds(task, queries, tuple(task.labels or ()), ev.multiple_choice)
-        for k in (shots or ev.shots) if role == "held_out" else ev.forgetting_shots:
+        check_golds(task, queries, tuple(task.labels or ()), config.format.multiple_choice)
+        for k in role_shots[role]:
             check_shots(task, shot_budget(k, max_tokens)[0])
             # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
             plan += [Cell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
@@ -141,15 +148,24 @@ def run_evaluation(
     todo = [c for c, key in zip(plan, keys) if key not in done]
     mine = todo[rank::world]
 
+    loaded_now: list[tuple[Any, Any]] = []
+
+    def model_and_tokenizer() -> tuple[Any, Any]:
+        """Loaded once, and only when a cell or a curve is left to measure."""
+        if not loaded_now:
+            model, tokenizer = loaded or (None, None)
+            if model is None:
+                tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
+                # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
+                model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
+            model.eval()
+            if torch.cuda.is_available():  # one GPU per rank under accelerate launch
+                model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+            loaded_now.append((model, tokenizer))
+        return loaded_now[0]
+
     if mine:
-        model, tokenizer = loaded or (None, None)
-        if model is None:
-            tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
-            # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is left as is)
-            model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
-        model.eval()
-        if torch.cuda.is_available():  # one GPU per rank under accelerate launch
-            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        model, tokenizer = model_and_tokenizer()
         longest = max(shot_budget(c.shots, max_tokens)[1] for c in mine)
         backend = hf_backend(model, tokenizer, longest, ev.prefix_cache, ev.batch_tokens)
         # one process writes results.json as it goes; several ranks each keep their own partial file
@@ -168,6 +184,14 @@ def run_evaluation(
             _fold_partials(out, results_path, results, keys)
         dist.barrier()
         results = load_results(results_path)
+    if ev.learning_curve and rank == 0:  # one process measures the curves (a forward per sequence: cheap)
+        curve_tasks = [(t, role) for t, role in tasks if role in CURVE_ROLES]
+        run_curves(curve_tasks, out, method, model_name, adapter, max_tokens, ev.curve_sequences,
+                   config.format.formatter, model_and_tokenizer)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     return results
 
 
@@ -187,8 +211,7 @@ def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens:
               adapter: str | None, out: Path, same_prompts: dict | None = None) -> dict:
     ev, task = config.evaluation, cell.task
     shots, max_tokens = shot_budget(cell.shots, max_tokens)
-    formatter = Formatter.for_task(task, tokenizer, chat=config.format.chat, **config.format.template)
-    prompter = Prompter(task, tokenizer, formatter, max_tokens, ev.max_new_tokens.get(task.family), ev.multiple_choice)
+    prompter = Prompter(task, tokenizer, config.format.formatter(task, tokenizer), max_tokens, ev.max_new_tokens.get(task.family))
     demos = prompter.choose_demonstrations(shots, cell.seed, ev.balance_labels, cell.queries)
     prompts = (task.name, cell.role, max_tokens, tuple((d.input, d.output) for d in demos))
     reused_from = None
