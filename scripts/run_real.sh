@@ -36,6 +36,7 @@ eval)
     echo "wall time (evaluation stage): $(( $(date +%s) - start )) s"
     # what docs/RESULTS.md shows: the generated report, its plots and every record
     cp "$run/results.json" docs/results/real_smollm2_results.json
+    if [[ -f "$run/curves.json" ]]; then cp "$run/curves.json" docs/results/real_smollm2_curves.json; fi
     cp "$run"/plots/*.png docs/results/
     sed 's#(plots/#(#g; s#\[results.json\](results.json)#[real_smollm2_results.json](real_smollm2_results.json)#' \
         "$run/report.md" > docs/results/real_smollm2_report.md

@@ -155,8 +155,8 @@ def test_compare_refuses_a_different_config(tiny_model_dir, tmp_path):
 
 
 def test_compare_keeps_one_precision_across_methods(tiny_model_dir, tmp_path, monkeypatch):
-    """auto may resolve differently when a run goes on elsewhere (or under a newer manyicl): the methods still to
-    train must not get another precision than the finished ones."""
+    """auto may resolve differently when a run goes on elsewhere (or be measured differently): the methods still
+    to train get the finished ones' precision, and an explicit other precision is refused before any work."""
     from manyicl import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
@@ -164,12 +164,16 @@ def test_compare_keeps_one_precision_across_methods(tiny_model_dir, tmp_path, mo
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out)))
     assert run(path, "--only", "zero_shot_ft", "--train-only").exit_code == 0  # auto -> fp32 here
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # auto -> bf16 now
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # auto would now be measured
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__precision="bf16")))
     result = run(path, "--only", "manyicl", "--train-only")
     assert result.exit_code == 2
-    assert f"{out / 'train' / 'zero_shot_ft'}: trained in fp32, but this run resolves training.precision to bf16; " \
-           f"set training.precision: fp32" in result.stderr
+    assert f"{out / 'train' / 'zero_shot_ft'}: trained in fp32, but this run asks for training.precision bf16; " \
+           f"set training.precision: fp32 (or auto)" in result.stderr
     assert not (out / "train" / "manyicl").exists()
-    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__precision="fp32")))
-    assert run(path, "--only", "manyicl", "--train-only").exit_code == 0  # pinned: the same run goes on
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out)))
+    result = run(path, "--only", "manyicl", "--train-only")
+    assert result.exit_code == 0, result.output
+    assert "training.precision auto: fp32, as the finished fine-tunes" in result.output
     assert json.loads((out / "train" / "manyicl" / "train_summary.json").read_text())["precision"] == "fp32"
+

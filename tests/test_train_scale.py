@@ -21,6 +21,7 @@ from manyicl.loss import supervised_count, target_only_loss
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation, unit_bounds
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
+from manyicl import train as train_module
 from manyicl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ TWO_RANKS = """
     sys.path.insert(0, {tests!r})
     from test_train_scale import GradientsAtFirstStep
     from manyicl.config import ExperimentConfig
-    from manyicl.train import train
+    from manyicl import train as train_module
+from manyicl.train import train
     for path, grads in zip(sys.argv[1::2], sys.argv[2::2]):
         train(ExperimentConfig.model_validate(yaml.safe_load(open(path))), callbacks=[GradientsAtFirstStep(grads)])
 """
@@ -212,6 +214,30 @@ def test_precision_auto_and_bf16_requests(monkeypatch):
     assert precision.resolve_precision("fp32", torch.bfloat16) == "bf16"  # weights already bf16
 
 
+def test_auto_on_a_cpu_with_bf16_is_measured_cached_and_recorded(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """auto on a CPU with AVX-512 BF16 / AMX: both precisions timed on the loaded model, bf16 only where it takes
+    at most 90 % of fp32's time; measured once per CPU and shape (cached), printed, and in train_summary.json."""
+    from manyicl import precision
+
+    monkeypatch.setenv("MANYICL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    timings = {False: 1.0, True: 0.95}  # fp32, bf16 seconds: bf16 is faster, but not by the margin
+    monkeypatch.setattr(precision, "_timed_pass", lambda model, ids, bf16: timings[bf16])
+    model = tiny_model(100)
+    first = precision.measure_cpu_precision(model, 4096)
+    assert (first.choice, first.tokens, first.cached) == ("fp32", precision.PROBE_TOKENS, False)
+    timings[True] = 0.5
+    again = precision.measure_cpu_precision(model, 4096)
+    assert again.cached and again.choice == "fp32" and again.bf16_seconds == 0.95  # cached: not measured again
+    assert precision.measure_cpu_precision(model, 256).choice == "bf16"  # another shape: measured
+    out = tmp_path / "run"
+    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=3, save_steps=3)))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["precision"] == summary["precision_probe"]["choice"] == "bf16"
+    assert summary["precision_probe"]["fp32_seconds"] == 1.0 and summary["precision_probe"]["tokens"] == 256
+
+
 def test_resume_refuses_another_precision(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     """auto may resolve differently on another machine: a run resumes in the precision its checkpoints were made in."""
     from manyicl import precision
@@ -224,7 +250,9 @@ def test_resume_refuses_another_precision(tiny_model_dir, data_dir, tmp_path, mo
     train(cfg)
     (out / "train_summary.json").unlink()  # as if it had stopped after its checkpoints
     assert json.loads((out / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER).read_text())["precision"] == "fp32"
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # auto now resolves to bf16
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # auto is now measured ...
+    monkeypatch.setattr(train_module, "measure_cpu_precision",  # ... and comes out bf16
+                        lambda model, tokens: precision.PrecisionProbe("bf16", 1.0, 0.5, 256, "a test CPU"))
     with pytest.raises(ManyICLError, match="checkpoint-2: trained in fp32, but this run resolves training.precision to "
                                            "bf16; set training.precision: fp32 to resume it"):
         train(cfg, resume=True)

@@ -26,7 +26,7 @@ def config_hash(config: ExperimentConfig) -> str:
     data.get("training", {}).pop("precision", None)
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
-    for key in ("held_out", "forgetting", "distance"):  # what is evaluated afterwards, not what is trained on
+    for key in ("held_out", "forgetting", "in_distribution", "distance"):  # what is evaluated afterwards, not trained on
         data.get("tasks", {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

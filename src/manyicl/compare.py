@@ -61,7 +61,7 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
         return
     saved = drop_speed_settings(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     now = drop_speed_settings(config.model_dump(mode="json"))
-    for data in (saved, now):  # the precision as asked for; what it resolves to is checked by check_trained_precision
+    for data in (saved, now):  # the precision as asked for; what it resolves to is shared (with_shared_precision)
         data.get("training", {}).pop("precision", None)
     keys = RESULT_KEYS if (out / "results.json").exists() else TRAIN_KEYS
     differ = [k for k in keys if _get(saved, k) != _get(now, k)]
@@ -72,17 +72,35 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
         )
 
 
-def check_trained_precision(out: Path, config: ExperimentConfig) -> None:
-    """Every finished fine-tune was trained in the precision the ones still to train will get, so the methods are
-    compared at one precision (``auto`` may resolve differently on another machine or manyicl version)."""
+def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
+    """The precision the finished fine-tunes of this run were trained in, which the ones still to train must share
+    so that the methods are compared at one precision (``auto`` may resolve differently on another machine, or be
+    measured differently). An explicit ``training.precision`` that differs from it is refused."""
     from manyicl.precision import training_precision
 
-    now = training_precision(config.training)
+    trained: dict[str, Path] = {}
     for summary in sorted((out / "train").glob("**/train_summary.json")):
-        trained = json.loads(summary.read_text()).get("precision", now)
-        if trained != now:
-            raise ManyICLError(f"{summary.parent}: trained in {trained}, but this run resolves training.precision to "
-                               f"{now}; set training.precision: {trained} to go on with this run, or use --overwrite")
+        trained.setdefault(json.loads(summary.read_text()).get("precision", "fp32"), summary.parent)
+    if not trained:
+        return None
+    if len(trained) > 1:
+        raise ManyICLError(f"{out / 'train'}: fine-tunes were trained in {' and '.join(sorted(trained))}; retrain one "
+                           f"group with training.precision set, or use --overwrite")
+    (precision, folder), = trained.items()
+    asked = config.training.precision
+    if asked != "auto" and training_precision(config.training) != precision:
+        raise ManyICLError(f"{folder}: trained in {precision}, but this run asks for training.precision {asked}; set "
+                           f"training.precision: {precision} (or auto) to go on with this run, or use --overwrite")
+    return precision
+
+
+def with_shared_precision(config: ExperimentConfig, out: Path) -> ExperimentConfig:
+    """A method's training config with ``auto`` pinned to the precision of the run's finished fine-tunes."""
+    precision = trained_precision(out, config)
+    if precision is None or config.training.precision != "auto" or (Path(config.output_dir) / "train_summary.json").exists():
+        return config
+    click.echo(f"training.precision auto: {precision}, as the finished fine-tunes of {out} were trained")
+    return config.model_copy(update={"training": config.training.model_copy(update={"precision": precision})})
 
 
 def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = None) -> ExperimentConfig:
@@ -128,7 +146,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots])
     out = Path(config.output_dir)
     check_same_experiment(out, config, overwrite)
-    check_trained_precision(out, config)
+    trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before any work
     tasks = evaluation_tasks(config)  # held-out, forgetting and in-distribution tasks, with their roles
     held = [(t, role) for t, role in tasks if role == "held_out"]
     out.mkdir(parents=True, exist_ok=True)
@@ -141,12 +159,12 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
                 run_evaluation(config, tasks, "base", None, out)
         elif method == "task_level":
             for ref, (task, role) in zip(config.tasks.held_out, held):
-                adapter = train_stage(method_config(config, "task_level", out, ref))
+                adapter = train_stage(with_shared_precision(method_config(config, "task_level", out, ref), out))
                 if not train_only:
                     run_evaluation(config, [(task, role)], "task_level", str(adapter), out,
                                    shots=config.compare.task_level_shots)
         else:
-            adapter = train_stage(method_config(config, method, out))
+            adapter = train_stage(with_shared_precision(method_config(config, method, out), out))
             if not train_only:
                 run_evaluation(config, tasks, method, str(adapter), out)
     if train_only:

@@ -9,14 +9,23 @@ training sees little of its own updates. Measured on SmolLM2, 30 steps of 1,024 
 (``python bench/train_throughput.py --curves-only``): mean relative loss difference to fp32 0.149 with PEFT's bf16
 sum, 0.013 with the fp32 sum, at the same speed.
 
-``auto`` picks bf16 where it runs fast: a CUDA device with bf16 support, or a CPU with AVX-512 BF16 or AMX (on this
-project's CPUs a LoRA step is 1.35-1.48x faster, docs/BENCHMARKS.md); fp32 elsewhere. ``precision: bf16`` on a CPU
-without either is refused (it would be slower than fp32). The precision a run resolved to is recorded in every
+``auto`` picks bf16 where it runs faster. On a CUDA device: where it supports bf16. On a CPU without AVX-512 BF16 or
+AMX: fp32 (bf16 is emulated there, 5x slower matmuls). On a CPU with them the flags do not settle it (a LoRA step
+was 1.35-1.48x faster in bf16 on one such CPU and slower on another, docs/BENCHMARKS.md), so ``auto`` measures:
+``measure_cpu_precision`` times forward+backward passes of the loaded model in fp32 and in bf16 autocast and picks
+bf16 only where it is faster by a margin; the result is cached per CPU, torch, model and shape under
+``$MANYICL_CACHE`` and recorded in train_summary.json. ``precision: bf16`` on a CPU without AVX-512 BF16 or AMX is
+refused (it would be slower than fp32). The precision a run resolved to is recorded in every
 checkpoint and in train_summary.json; resuming under another one is refused (checkpoints.check_precision).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -62,8 +71,105 @@ def resolve_precision(requested: str, weights_dtype: Any = None) -> str:
     return requested
 
 
-def training_precision(training: Any) -> str:
-    """The precision a run with this ``training`` config resolves to here, without loading the model."""
+def training_precision(training: Any) -> str | None:
+    """The precision a run with this ``training`` config resolves to here, without loading the model; None where
+    ``auto`` is decided by a measurement not made yet (``needs_measurement``)."""
     from manyicl.models import default_dtype
 
-    return resolve_precision(training.precision, default_dtype() if training.dtype == "auto" else getattr(torch, training.dtype))
+    dtype = default_dtype() if training.dtype == "auto" else getattr(torch, training.dtype)
+    return None if needs_measurement(training.precision, dtype) else resolve_precision(training.precision, dtype)
+
+
+# ---------------------------------------------------------------- auto on a CPU with bf16 instructions: measured
+
+# longer runs are probed at this length, to keep the probe near 20 s (a 2,048-token step takes 14-18 s here); on this
+# project's CPU the bf16/fp32 ratio at 512 tokens (0.79) picked what the 2,048-token step prefers (0.75):
+# python bench/precision_probe.py
+PROBE_TOKENS = 512
+MARGIN = 0.9  # bf16 is picked only where its step takes at most 90 % of fp32's
+
+
+@dataclass(frozen=True)
+class PrecisionProbe:
+    choice: str  # "bf16" or "fp32"
+    fp32_seconds: float  # the faster of the timed forward+backward passes
+    bf16_seconds: float
+    tokens: int
+    cpu: str
+    cached: bool = False  # read from $MANYICL_CACHE, not measured in this process
+
+    def describe(self) -> str:
+        how = "cached measurement" if self.cached else "measured"
+        return (f"training.precision auto: {self.choice} ({how} on {self.cpu}: a {self.tokens}-token forward+backward "
+                f"takes {self.fp32_seconds:.2f} s in fp32, {self.bf16_seconds:.2f} s in bf16; bf16 needs <= "
+                f"{MARGIN:.0%} of fp32)")
+
+
+def needs_measurement(requested: str, weights_dtype: Any = None) -> bool:
+    """``auto`` on a single CPU process with bf16 instructions and fp32 weights: the flags do not settle it."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # ranks must agree: several use the flags' answer
+    return (requested == "auto" and weights_dtype != torch.bfloat16 and not torch.cuda.is_available() and single
+            and cpu_has_fast_bf16())
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _probe_key(model: Any, tokens: int) -> str:
+    config = getattr(model, "config", None)
+    shape = [getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return json.dumps([cpu_name(), torch.__version__, torch.get_num_threads(), shape, trainable, tokens])
+
+
+def _timed_pass(model: Any, ids: torch.Tensor, bf16: bool) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, logits_to_keep=64, use_cache=False).logits  # like the target-only loss
+    logits.float().logsumexp(-1).mean().backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def measure_cpu_precision(model: Any, max_tokens: int, repeats: int = 2) -> PrecisionProbe:
+    """fp32 or bf16 autocast for training this model here, by timing both (cached under $MANYICL_CACHE). Gradients
+    are cleared afterwards and no weight changes; the Trainer seeds its RNG after this, so training is unaffected."""
+    from manyicl.files import write_atomic
+    from manyicl.models import cache_dir
+
+    tokens = min(max_tokens, PROBE_TOKENS)
+    path = cache_dir() / "precision_probes.json"
+    key = _probe_key(model, tokens)
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except ValueError:  # a damaged cache is measured again
+        cache = {}
+    if key in cache:
+        return PrecisionProbe(**{**cache[key], "cached": True})
+    was_training = model.training
+    model.train()  # dropout as in training
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    for bf16 in (False, True):  # warm-up: first calls allocate and pick kernels
+        _timed_pass(model, ids[:, :128], bf16)
+    fp32, bf16 = [], []
+    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits both
+        fp32.append(_timed_pass(model, ids, False))
+        bf16.append(_timed_pass(model, ids, True))
+    model.train(was_training)
+    choice = "bf16" if min(bf16) <= MARGIN * min(fp32) else "fp32"
+    probe = PrecisionProbe(choice, round(min(fp32), 3), round(min(bf16), 3), tokens, cpu_name())
+    cache[key] = {k: v for k, v in asdict(probe).items() if k != "cached"}
+    try:
+        write_atomic(path, json.dumps(cache, indent=1))
+    except OSError:  # a read-only cache only costs the next run another measurement
+        pass
+    return probe

@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -35,7 +35,7 @@ from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation
-from manyicl.precision import keep_lora_sums_fp32, resolve_precision
+from manyicl.precision import keep_lora_sums_fp32, measure_cpu_precision, needs_measurement, resolve_precision
 
 
 # ---------------------------------------------------------------- the trainer
@@ -214,11 +214,19 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
-    precision = resolve_precision(tr.precision, getattr(model, "dtype", None))
+    probe = None
+    if needs_measurement(tr.precision, getattr(model, "dtype", None)):  # auto on a CPU with bf16 instructions
+        if tr.finetune == "lora":
+            keep_lora_sums_fp32(model)  # as a bf16 run trains (a no-op in fp32), so the probe times that
+        probe = measure_cpu_precision(model, tr.max_tokens)
+        print(probe.describe(), flush=True)
+        precision = probe.choice
+    else:
+        precision = resolve_precision(tr.precision, getattr(model, "dtype", None))
+        if precision == "bf16" and tr.finetune == "lora":
+            keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
     if checkpoint is not None:
         check_precision(checkpoint, precision)
-    if precision == "bf16" and tr.finetune == "lora":
-        keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
     # packed units are isolated by construction, per unit or by an explicit mask; a model that allows neither is refused
     isolation = packed_isolation(model, tr.max_tokens) if dataset.packed else None
 
@@ -294,7 +302,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
         write_atomic(out / "train_summary.json", json.dumps({
             "steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir), "released_freed_memory": released,
-            "precision": precision,
+            "precision": precision, **({"precision_probe": asdict(probe)} if probe else {}),
         }))
     return TrainResult(out, weights_dir, steps, seconds, released, precision)
 
