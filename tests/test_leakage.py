@@ -25,24 +25,12 @@ SEEDS = range(8)
 TASKS = ["sst2", "trec", "snli"]
 
 
-def round_order(task: Task, rng: random.Random) -> list[int]:
-    """The order training used before: rounds of one example per label, each round shuffled (the broken version)."""
-    indices = list(range(len(task.train)))
-    rng.shuffle(indices)
-    by_label: dict[str, list[int]] = {}
-    for i in indices:
-        by_label.setdefault(task.train[i].output, []).append(i)
-    out = []
-    for k in range(max(len(g) for g in by_label.values())):
-        turn = [g[k] for g in by_label.values() if k < len(g)]
-        rng.shuffle(turn)
-        out += turn
-    return out
-
-
 class RoundOrderBuilder(SequenceBuilder):
+    """Training sequences in the order training used before (the broken version): rounds of one example per label,
+    each round shuffled, which is exactly the order in which balanced evaluation prompts now only PICK examples."""
+
     def order(self, rng: random.Random) -> list[int]:
-        return round_order(self.task, rng)
+        return self.task.balanced_picks(rng)
 
 
 def supervised_labels(builder: SequenceBuilder, tokenizer, seed: int) -> list[str]:

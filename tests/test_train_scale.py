@@ -50,8 +50,7 @@ TWO_RANKS = """
     sys.path.insert(0, {tests!r})
     from test_train_scale import GradientsAtFirstStep
     from manyicl.config import ExperimentConfig
-    from manyicl import train as train_module
-from manyicl.train import train
+    from manyicl.train import train
     for path, grads in zip(sys.argv[1::2], sys.argv[2::2]):
         train(ExperimentConfig.model_validate(yaml.safe_load(open(path))), callbacks=[GradientsAtFirstStep(grads)])
 """

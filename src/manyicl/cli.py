@@ -141,7 +141,7 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
 @click.option("--scoring", type=click.Choice(SCORINGS), default=None,
               help="How label candidates are ranked (default: evaluation.scoring's default).")
 @click.option("--balance-labels/--no-balance-labels", default=True, show_default=True,
-              help="Label-set families: demonstrations in rounds of one example per label.")
+              help="Label-set families: as many demonstrations of each label as fit, in one random order.")
 @_friendly
 def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed, scoring, balance_labels) -> None:
     """Solve a new task by many-shot prompting: demonstrations from one file, answers for another."""

@@ -26,7 +26,6 @@ from manyicl.files import write_atomic
 from manyicl.metrics import rouge_setup
 from manyicl.tasks import Example, Task, answer_form, choice_text
 
-
 CURVE_ROLES = ("held_out", "in_distribution")  # the tasks whose learning curves are measured
 
 
@@ -68,7 +67,8 @@ def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
 
     ev = config.evaluation
     budget = ev.max_tokens or config.training.max_tokens
-    longest = max(shot_budget(k, budget)[1] for k in [*(shots or ev.shots), *ev.forgetting_shots, *ev.in_distribution_shots, 0])
+    requested = [*(shots or ev.shots), *ev.forgetting_shots, *ev.in_distribution_shots, 0]
+    longest = max(shot_budget(k, budget)[1] for k in requested)
     context = context_length(config.model.name, config.model.trust_remote_code)
     if context and longest > context:
         raise ManyICLError(f"evaluation: a context of {longest} tokens exceeds the model's context length ({context}); "
