@@ -113,9 +113,8 @@ def _methods(curves: dict) -> list[str]:
     return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
 
 
-def curve_sections(run_dir: Path) -> list[str]:
+def curve_sections(curves: dict[tuple[str, str], Curve]) -> list[str]:
     """The markdown of the learning-curve section ([] when the run measured none)."""
-    curves = load_curve_table(run_dir)
     if not curves:
         return []
     methods = _methods(curves)
@@ -151,9 +150,8 @@ def curve_sections(run_dir: Path) -> list[str]:
     return lines
 
 
-def curve_plot(run_dir: Path) -> list[Path]:
+def curve_plot(run_dir: Path, curves: dict[tuple[str, str], Curve]) -> list[Path]:
     """One panel per task, one line per method with its 95 % band ([] when the run measured no curve)."""
-    curves = load_curve_table(run_dir)
     if not curves:
         return []
     import matplotlib

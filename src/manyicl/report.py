@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from manyicl.curve_report import curve_plot, curve_sections
+from manyicl.curve_report import curve_plot, curve_sections, load_curve_table
 from manyicl.errors import ManyICLError
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
@@ -179,11 +179,12 @@ def write_report(run_dir: str | Path) -> Path:
     if in_distribution:
         lines += _versus_base_table(cells, methods, in_distribution, headline_shots(results, "in_distribution"),
                                     IN_DISTRIBUTION)
-    lines += curve_sections(run_dir)
+    learning_curves = load_curve_table(run_dir)
+    lines += curve_sections(learning_curves)
     lines += _flagged(results)
     curves = _training_curves(run_dir)
     lines += curves[0]
-    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir) + curves[1]
+    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir, learning_curves) + curves[1]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
     lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
     report = run_dir / "report.md"

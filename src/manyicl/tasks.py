@@ -75,7 +75,7 @@ class Task:
         """Indices in the order examples are PICKED for label-balanced evaluation prompts: one example per label in
         turn (each turn's labels in random order), so any leading run holds every label equally often, to one, with
         the remainder on random labels. The picked examples are then laid out in a fresh random order
-        (``shuffled``): this order only decides which examples are used, never where they stand."""
+        (Prompter.choose_demonstrations): this order only decides which examples are used, never where they stand."""
         indices = self.order(rng)
         if not FAMILIES[self.family].label_set:
             return indices
@@ -88,13 +88,6 @@ class Task:
             rng.shuffle(turn)
             out += turn
         return out
-
-
-def shuffled(items: list, rng: random.Random) -> list:
-    """A copy of ``items`` in random order."""
-    items = list(items)
-    rng.shuffle(items)
-    return items
 
 
 def choice_text(example: Example, letter: str) -> str:

@@ -214,17 +214,16 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         model.peft_config["default"].base_model_name_or_path = resolve_model(config.model.name)
     if tr.gradient_checkpointing:
         model.config.use_cache = False
+    precision = resolve_precision(tr.precision, getattr(model, "dtype", None))  # the flags' answer
+    if precision == "bf16" and tr.finetune == "lora":
+        # else updates below bf16's rounding step vanish from the forward (precision.py); a no-op in fp32, so also
+        # right when the probe below picks fp32, and the probe times bf16 as it would train
+        keep_lora_sums_fp32(model)
     probe = None
     if needs_measurement(tr.precision, getattr(model, "dtype", None)):  # auto on a CPU with bf16 instructions
-        if tr.finetune == "lora":
-            keep_lora_sums_fp32(model)  # as a bf16 run trains (a no-op in fp32), so the probe times that
         probe = measure_cpu_precision(model, tr.max_tokens)
         print(probe.describe(), flush=True)
         precision = probe.choice
-    else:
-        precision = resolve_precision(tr.precision, getattr(model, "dtype", None))
-        if precision == "bf16" and tr.finetune == "lora":
-            keep_lora_sums_fp32(model)  # else updates below bf16's rounding step vanish from the forward (precision.py)
     if checkpoint is not None:
         check_precision(checkpoint, precision)
     # packed units are isolated by construction, per unit or by an explicit mask; a model that allows neither is refused

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from manyicl.errors import ManyICLError
-from manyicl.files import write_atomic
+from manyicl.files import read_records, write_atomic
 from manyicl.loss import accepts_logits_to_keep
 from manyicl.sequences import IGNORE_INDEX, Sequence, SequenceBuilder
 from manyicl.tasks import Task
@@ -65,12 +65,7 @@ def answer_losses(model: Any, seq: Sequence) -> tuple[list[float], list[int]]:
 
 
 def load_curves(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise ManyICLError(f"{path}: not valid JSON; move it away to measure the learning curves again") from None
+    return read_records(path, "measure the learning curves again")
 
 
 def curve_key(method: str, model: str, adapter: str | None, task: str, seed: int, max_tokens: int) -> tuple:

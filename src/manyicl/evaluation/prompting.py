@@ -17,7 +17,7 @@ from manyicl.errors import ManyICLError
 from manyicl.families import FAMILIES
 from manyicl.formatter import Formatter
 from manyicl.sequences import leading_special_ids, tokenize_spans
-from manyicl.tasks import Example, Task, shuffled, take_fitting
+from manyicl.tasks import Example, Task, take_fitting
 
 CONTENT_FREE_INPUTS = ("N/A", "")  # contextual calibration (Zhao et al. 2021)
 
@@ -92,7 +92,8 @@ class Prompter:
         header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
         budget = self.max_tokens - reserve - len(self.lead) - len(header)
         picked = take_fitting(wanted, self.example_tokens, budget)
-        layout = shuffled(picked, rng)  # where each demonstration stands: one random order, no label rounds
+        layout = list(picked)
+        rng.shuffle(layout)  # where each demonstration stands: one random order, no label rounds
         chosen = [self.task.train[i] for i in layout]
         # token counts of separate examples can differ slightly in context: trim (the last picked first, which
         # keeps the counts balanced) until the prefix really fits

@@ -22,7 +22,7 @@ from manyicl.evaluation.cells import evaluate_cell
 from manyicl.evaluation.curves import run_curves
 from manyicl.evaluation.prompting import Prompter, check_shots, shot_budget
 from manyicl.families import FAMILIES
-from manyicl.files import write_atomic
+from manyicl.files import read_records, write_atomic
 from manyicl.metrics import rouge_setup
 from manyicl.tasks import Example, Task, answer_form, choice_text
 
@@ -76,12 +76,7 @@ def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
 
 
 def load_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise ManyICLError(f"{path}: not valid JSON; move it away to start the evaluation again") from None
+    return read_records(path, "start the evaluation again")
 
 
 def _ranks() -> tuple[int, int]:
