@@ -48,7 +48,8 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     path = tmp_path / "c.yaml"
     cfg = config(tiny_model_dir, out, evaluation__shots=[0, 2, "max@384"], evaluation__learning_curve=True,
-                 evaluation__curve_sequences=2)
+                 evaluation__curve_sequences=2, compare__budgets=[0.5, 1.0],
+                 compare__budget_shots=[2], training__lr_scheduler="constant_with_warmup")
     cfg["tasks"]["distance"] = {"sym_topic": "near", "key_lookup": "far"}
     cfg["tasks"]["in_distribution"] = [{"name": "sym_sentiment", "synthetic": True}]
     path.write_text(yaml.safe_dump(cfg))
@@ -89,6 +90,23 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert "Average over the 2 held-out tasks at each task's last k, manyicl − method" in report
     assert "## In distribution (the mixture's own tasks" in report
     assert {r["shots_requested"] for r in results if r["role"] == "in_distribution"} == {"max"}
+    # the budget point: every mixture fine-tune from its step-1 checkpoint, held-out tasks at max, and its curves
+    early = json.loads((out / "budgets" / "step-1" / "results.json").read_text())
+    mixture_methods = {"zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl"}
+    assert {(r["method"], r["task"], r["shots_requested"], r["seed"]) for r in early} == {
+        (m, t, 2, s) for m in mixture_methods for t in ("sym_topic", "key_lookup") for s in (0, 1)}
+    assert all(r["adapter"].endswith("checkpoint-1") for r in early)
+    early_curves = json.loads((out / "budgets" / "step-1" / "curves.json").read_text())
+    assert {(r["method"], r["task"]) for r in early_curves} == {
+        (m, t) for m in mixture_methods for t in ("sym_topic", "key_lookup", "sym_sentiment")}
+    assert {r["ids_sha256"] for r in early_curves if r["task"] == "sym_topic" and r["seed"] == 0} == {
+        r["ids_sha256"] for r in curves if r["task"] == "sym_topic" and r["seed"] == 0}  # the same sequences
+    budget = report.split("## Training budget")[1].split("\n## ")[0]
+    assert "| step 1 | step 2 |" in budget and "manyicl − method at each budget" in budget
+    assert "constant after warm-up (constant_with_warmup)" in budget
+    averages = next(line for line in budget.splitlines() if line.startswith("| manyicl |"))
+    assert averages.count("[") == 2  # an interval at both budget points
+    assert "In-context learning curves at each budget" in budget and (out / "plots" / "budget_curve.png").exists()
     # forgetting: drop = base − method, from the same seeds' means
     forgetting = report.split("## Forgetting")[1].split("##")[0]
     mean = lambda m: sum(r["value"] for r in results if r["method"] == m and r["role"] == "forgetting") / 2  # noqa: E731
@@ -126,6 +144,9 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
         ({"tasks__distance": {"sym_topic": "close", "key_lookup": "far"}}, "tasks.distance.sym_topic"),
         ({"evaluation__shots": [0, "max@lots"]}, "evaluation.shots.1"),
         ({"evaluation__shots": [0, "max@9000"]}, "a context of 9000 tokens exceeds the model's context length"),
+        ({"compare__budgets": [0.5, 1.0], "training__save_steps": 2}, "compare.budgets: 0.5 of 2 steps is step 1, "
+                                                                       "where no checkpoint is saved"),
+        ({"compare__budgets": [1.5]}, "compare.budgets.0"),
     ],
 )
 def test_compare_bad_input(tiny_model_dir, tmp_path, extra, message):

@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from manyicl.budget_report import BUDGETS_DIR  # budgets/step-<N>/: the checkpoints' results
 from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import run_evaluation
@@ -129,6 +130,48 @@ def train_stage(config: ExperimentConfig) -> Path:
     return out / ("adapter" if config.training.finetune == "lora" else "model")
 
 
+def budget_steps(config: ExperimentConfig) -> list[int]:
+    """The steps of the earlier budget points (compare.budgets below 1), checked before any work: each must be a
+    checkpoint that training saves and keeps."""
+    fractions = sorted({b for b in config.compare.budgets if b < 1})
+    tr = config.training
+    if not fractions:
+        return []
+    if tr.epochs is not None or tr.max_steps is None:
+        raise ManyICLError("compare.budgets: budget points are fractions of training.max_steps; set max_steps "
+                           "instead of epochs, or drop the budgets below 1")
+    if tr.save_total_limit is not None:
+        raise ManyICLError("compare.budgets: training.save_total_limit deletes the checkpoints the budget points are "
+                           "evaluated from; drop save_total_limit")
+    steps = []
+    for b in fractions:
+        step = round(b * tr.max_steps)
+        if step < 1 or step % tr.save_steps:
+            raise ManyICLError(f"compare.budgets: {b} of {tr.max_steps} steps is step {step}, where no checkpoint is "
+                               f"saved (training.save_steps: {tr.save_steps}); choose budgets at multiples of save_steps")
+        steps.append(step)
+    return steps
+
+
+def evaluate_budgets(config: ExperimentConfig, tasks: list, method: str, out: Path, steps: list[int]) -> None:
+    """A mixture fine-tune at each earlier budget point, from the checkpoint saved there: the held-out tasks at
+    compare.budget_shots, and the learning curves of the held-out and in-distribution tasks, into
+    budgets/step-<N>/ (a results.json and curves.json like the run's own; forgetting is measured at the end)."""
+    from manyicl.checkpoints import CHECKPOINT_MARKER
+
+    if not steps:
+        return
+    early = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"in_distribution_shots": []})})
+    for step in steps:
+        checkpoint = out / "train" / method / "checkpoints" / f"checkpoint-{step}"
+        if not (checkpoint / CHECKPOINT_MARKER).exists():
+            raise ManyICLError(f"{checkpoint}: the checkpoint of this budget point is missing or incomplete; train "
+                               f"{method} again (--overwrite) with save_steps dividing step {step}")
+        click.echo(f"== {method} at step {step} (budget point)")
+        run_evaluation(early, [(t, role) for t, role in tasks if role != "forgetting"], method, str(checkpoint),
+                       out / BUDGETS_DIR / f"step-{step}", shots=config.compare.budget_shots)
+
+
 def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: bool = False,
             train_only: bool = False) -> Path | None:
     """Train and evaluate every method, then write the report; ``train_only``: the fine-tunes alone (a stage of a
@@ -142,8 +185,9 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     if any(m in MIXTURE_METHODS for m in methods) and not config.tasks.meta_train:
         raise ManyICLError("tasks.meta_train: the fine-tuned methods need a meta-train mixture")
     check_split(config)
+    steps = budget_steps(config) if any(m in MIXTURE_METHODS for m in methods) else []
     if not train_only:
-        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots])
+        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots, *config.compare.budget_shots])
     out = Path(config.output_dir)
     check_same_experiment(out, config, overwrite)
     trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before any work
@@ -167,6 +211,7 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
             adapter = train_stage(with_shared_precision(method_config(config, method, out), out))
             if not train_only:
                 run_evaluation(config, tasks, method, str(adapter), out)
+                evaluate_budgets(config, tasks, method, out, steps)
     if train_only:
         return None
 

@@ -177,6 +177,12 @@ class CompareConfig(Strict):
     task_level_steps: int | None = None  # default: training.max_steps
     # the dedicated model is the zero-shot reference; add shot counts to also prompt it with demonstrations
     task_level_shots: list[Shots] = Field(default_factory=lambda: [0])
+    # training budgets, as fractions of training.max_steps, at which the mixture fine-tunes are also evaluated from
+    # the checkpoint saved there (so each must be a multiple of training.save_steps); 1.0 is the final model. With the
+    # learning rate constant after warm-up (training.lr_scheduler: constant_with_warmup) an earlier checkpoint is
+    # what a shorter run would have made, so one run per method gives the budget curve
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [1.0])
+    budget_shots: list[Shots] = Field(default_factory=lambda: ["max"])  # held-out shots at the earlier budgets
 
     @field_validator("methods")
     @classmethod

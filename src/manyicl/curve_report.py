@@ -38,8 +38,12 @@ class Curve:
 
 
 def load_curve_table(run_dir: Path) -> dict[tuple[str, str], Curve]:
+    """The curves of a run's curves.json (see curve_table)."""
+    return curve_table(load_curves(run_dir / CURVES_FILE))
+
+
+def curve_table(records: list[dict]) -> dict[tuple[str, str], Curve]:
     """(method, task) -> Curve, cut at the last k that every sequence of every method of that task reaches."""
-    records = load_curves(run_dir / CURVES_FILE)
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         by_cell.setdefault((r["method"], r["task"]), []).append(r)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from manyicl.budget_report import budget_sections
 from manyicl.curve_report import curve_plot, curve_sections, load_curve_table
 from manyicl.errors import ManyICLError
 from manyicl.methods import METHODS
@@ -181,15 +182,38 @@ def write_report(run_dir: str | Path) -> Path:
                                     IN_DISTRIBUTION)
     learning_curves = load_curve_table(run_dir)
     lines += curve_sections(learning_curves)
+    budget_lines, budget_plots = budget_sections(run_dir, cells, methods, held, budget_shots(run_dir, shots),
+                                                 _final_step(run_dir))
+    lines += budget_lines
     lines += _flagged(results)
     curves = _training_curves(run_dir)
     lines += curves[0]
-    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir, learning_curves) + curves[1]
+    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir, learning_curves) + budget_plots + curves[1]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
     lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "compare_config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+
+
+def budget_shots(run_dir: Path, default: str) -> str:
+    """The shot count the earlier budget points were evaluated at (the first of compare.budget_shots)."""
+    shots = (_run_config(run_dir).get("compare") or {}).get("budget_shots") or [default]
+    return str(shots[0])
+
+
+def _final_step(run_dir: Path) -> int | None:
+    """The steps of the mixture fine-tunes (the final budget point), from their train summaries."""
+    for summary in sorted((run_dir / "train").glob("*/train_summary.json")):
+        return json.loads(summary.read_text())["steps"]
+    return None
 
 
 def _setup_lines(run_dir: Path, results: list[dict], methods: list[str]) -> list[str]:
