@@ -243,7 +243,8 @@ def test_adapter_for_another_base_model(tiny_model_dir, tmp_path, llama_tokenize
     other.save_pretrained(tmp_path / "other")
     peft = get_peft_model(other, LoraConfig(r=2, target_modules="all-linear"))
     peft.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(ManyICLError, match="adapter .* (was trained on|does not fit)"):
+    # the architecture when the base is known, else the weights that do not fit
+    with pytest.raises(ManyICLError, match="adapter .* was trained on|safetensors: cannot be loaded on model .*; load it on"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from manyicl.curve_report import average_difference_at_last_k, curve_table
+from manyicl.files import save_figure
 from manyicl.evaluation.curves import CURVES_FILE, load_curves
 from manyicl.uncertainty import Estimate, significant
 
@@ -145,6 +146,6 @@ def _budget_plot(run_dir: Path, methods: list[str], steps: list[int], averages: 
     fig.tight_layout()
     path = run_dir / "plots" / "budget_curve.png"
     path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 from manyicl.config import ExperimentConfig, drop_speed_settings, load_config
 from manyicl.errors import ManyICLError
-from manyicl.files import write_atomic
+from manyicl.files import clear_folder, write_atomic
+from manyicl.runlock import LOCK_NAME
 
 CHECKPOINT_MARKER = "manyicl_complete.json"  # written last: a checkpoint without it is incomplete
 TASK_COUNTS = "manyicl_task_counts.json"  # per-task sequences/answers so far, restored on --resume
@@ -48,7 +48,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
     """Returns the checkpoint to resume from. Refuses to mix runs in one directory."""
     holds_run = (out / "config.yaml").exists() or (out / "train_log.jsonl").exists()
     if holds_run and overwrite:
-        shutil.rmtree(out)
+        clear_folder(out, keep=(LOCK_NAME,))
         holds_run = False
     if not resume:
         if holds_run:
@@ -62,7 +62,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
             raise ManyICLError(f"{out}: no complete checkpoint to resume from; use --overwrite to start again")
         # the same run, stopped before its first checkpoint: nothing to lose, so resuming starts it again
         warnings.warn(f"{out}: stopped before its first checkpoint; starting it again from step 0", stacklevel=2)
-        shutil.rmtree(out)
+        clear_folder(out, keep=(LOCK_NAME,))
         return None
     try:
         marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
@@ -105,6 +105,14 @@ def check_readable(checkpoint: Path) -> None:
 def truncate_log(path: Path, step: int) -> None:
     """After a crash the log may hold steps past the checkpoint: they are redone, so drop them."""
     if path.exists():
-        keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
-        write_atomic(path, "".join(l + "\n" for l in keep))
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+        write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; a line cut off mid-write (a full disk, a kill) counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
@@ -11,19 +12,45 @@ from pathlib import Path
 import click
 
 from manyicl.errors import ManyICLError
+from manyicl.files import os_error_message
 from manyicl.families import SCORINGS
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C (locks released, temporary files removed); training handles both itself."""
+
+
+def _stop_on_sigterm():
+    """Installs the SIGTERM handler; returns the one it replaces."""
+
+    def handle(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handle)
+
+
 def _friendly(fn):
-    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+    """Bad input, the operating system's refusals and interruptions become one line on stderr and a non-zero exit
+    status (2: bad input; 1: the system refused; 128 + n: stopped by signal n), never a traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _stop_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except ManyICLError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            click.echo(f"error: {os_error_message(e)}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt as e:
+            name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            click.echo(f"error: stopped by {name}; what was finished is kept: run the same command again to continue "
+                       "(train: with --resume)", err=True)
+            sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -48,9 +75,11 @@ def show_sequence(data, objective, max_tokens, seed, model, n_shots, chat, fmt) 
     """Print one training sequence with its supervised spans highlighted (text) or as token ids (json)."""
     from manyicl.formatter import Formatter
     from manyicl.models import load_tokenizer
-    from manyicl.sequences import SequenceBuilder
+    from manyicl.sequences import OBJECTIVES, SequenceBuilder
     from manyicl.tasks import load_task_dir
 
+    if objective not in OBJECTIVES:  # before the tokenizer loads (a first run converts the model)
+        raise ManyICLError(f"--objective: unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     task = load_task_dir(data)
     tokenizer = load_tokenizer(model)
     builder = SequenceBuilder(

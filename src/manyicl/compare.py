@@ -28,7 +28,8 @@ from manyicl.errors import ManyICLError
 from manyicl.evaluation import run_evaluation
 from manyicl.evaluation.runner import check_contexts
 from manyicl.report import summary_table
-from manyicl.files import write_atomic
+from manyicl.files import clear_folder, write_atomic
+from manyicl.runlock import LOCK_NAME, run_lock
 from manyicl.catalog import check_split, evaluation_tasks, task_name
 from manyicl.methods import METHODS, MIXTURE_METHODS
 from manyicl.sequences import OBJECTIVES
@@ -50,7 +51,6 @@ def _get(data: dict, dotted: str) -> Any:
 
 
 def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) -> None:
-    import shutil
 
     import yaml
 
@@ -58,7 +58,7 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
     if not saved_path.exists():
         return
     if overwrite:
-        shutil.rmtree(out)
+        clear_folder(out, keep=(LOCK_NAME,))
         return
     saved = drop_speed_settings(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     now = drop_speed_settings(config.model_dump(mode="json"))
@@ -189,6 +189,12 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     if not train_only:
         check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots, *config.compare.budget_shots])
     out = Path(config.output_dir)
+    with run_lock(out):  # one process per run folder
+        return _run_methods(config, methods, out, overwrite, train_only, steps)
+
+
+def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwrite: bool, train_only: bool,
+                 steps: list[int]) -> Path | None:
     check_same_experiment(out, config, overwrite)
     trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before any work
     tasks = evaluation_tasks(config)  # held-out, forgetting and in-distribution tasks, with their roles

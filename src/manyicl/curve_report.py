@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from manyicl.files import save_figure
 from manyicl.evaluation.curves import CURVES_FILE, load_curves
 from manyicl.methods import METHODS
 from manyicl.uncertainty import RESAMPLES, Estimate, interval_of
@@ -191,6 +192,6 @@ def curve_plot(run_dir: Path, curves: dict[tuple[str, str], Curve]) -> list[Path
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = run_dir / "plots" / "learning_curves.png"
     path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return [path]

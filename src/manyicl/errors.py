@@ -3,3 +3,13 @@
 
 class ManyICLError(Exception):
     """Bad input or configuration. The CLI prints ``error: <message>`` and exits with status 2."""
+
+    exit_code = 2
+
+
+class Interrupted(ManyICLError):
+    """A run stopped by SIGINT or SIGTERM, its finished work kept; the CLI exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -7,9 +7,12 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
+from unittest import mock
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from manyicl.errors import ManyICLError
 
@@ -30,13 +33,33 @@ def _embedded_gguf(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' progress bars off while weights load: one bar per load is 20 lines in a log."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_embedded(name: str, target: Path) -> None:
-    """De-quantize the GGUF once (~20 s) and save a normal transformers checkpoint, atomically."""
+    """De-quantize the GGUF once (~20 s) and save a normal transformers checkpoint, atomically; one line of
+    progress."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _embedded_gguf(name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    print(f"{name}: converting {gguf.name} once into {target} (about 20 s)", file=sys.stderr, flush=True)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    # its de-quantizing bar is a plain tqdm, outside transformers' switch: replaced for this one call
+    with _quiet_loading(), mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already fp32 after de-quantization; without these the checkpoint claims to be GGUF.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -44,8 +67,9 @@ def _convert_embedded(name: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _quiet_loading():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / "manyicl_source.json").write_text(json.dumps({"gguf": str(gguf)}))
         try:
             os.rename(tmp, target)
@@ -128,12 +152,13 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None, ad
 
     path = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype or default_dtype(),
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attention_implementation(),
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype or default_dtype(),
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attention_implementation(),
+            )
     except OSError as e:
         raise ManyICLError(f"model {name!r}: cannot load ({str(e).splitlines()[0]})") from None
     if adapter:
@@ -141,13 +166,34 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None, ad
     return model
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter(adapter: str | Path) -> None:
+    """A PEFT adapter folder as save_pretrained writes it, checked before any model loads: a folder, its
+    adapter_config.json a JSON object, and its weights there; else one line naming the file."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise ManyICLError(f"{path}: adapter folder not found; point to a folder saved by save_pretrained")
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise ManyICLError(f"{config}: missing; an adapter folder holds adapter_config.json and its weights "
+                           "(save_pretrained writes both)")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManyICLError(f"{config}: not valid JSON ({e}); save the adapter again or restore the file") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise ManyICLError(f"{config}: not a PEFT adapter config (no peft_type); save the adapter again")
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ManyICLError(f"{path}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); save the adapter again")
+
+
 def load_adapter(model: Any, adapter: str, base_name: str) -> Any:
     """A PEFT adapter, checked against the base model it was trained on."""
     from peft import PeftConfig, PeftModel
 
-    adapter_path = Path(adapter)
-    if not (adapter_path / "adapter_config.json").exists():
-        raise ManyICLError(f"adapter {adapter!r}: no adapter_config.json; point to a directory saved by save_pretrained")
+    check_adapter(adapter)
     config = PeftConfig.from_pretrained(adapter)
     trained_on = _base_signature(config.base_model_name_or_path)
     if trained_on is not None and trained_on != _signature_of(model.config):
@@ -157,8 +203,11 @@ def load_adapter(model: Any, adapter: str, base_name: str) -> Any:
         )
     try:
         return PeftModel.from_pretrained(model, adapter)
-    except RuntimeError as e:  # shape mismatch: the adapter was trained on another base model
-        raise ManyICLError(f"adapter {adapter!r} does not fit model {base_name!r}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 -- torch/safetensors raise their own types: weights cut off, or shapes
+        weights = next(path for name in ADAPTER_WEIGHTS if (path := Path(adapter) / name).is_file())  # of another model
+        raise ManyICLError(f"{weights}: cannot be loaded on model {base_name!r} ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:160]}); load it on the model it was trained on, or "
+                           "save it again") from None
 
 
 def for_inference(model: Any) -> Any:

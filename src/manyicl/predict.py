@@ -8,11 +8,11 @@ from pathlib import Path
 from manyicl.config import EvaluationConfig
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import Prompter, evaluate_cell, hf_backend
-from manyicl.files import write_atomic
+from manyicl.files import check_output_file, write_atomic
 from manyicl.formatter import Formatter
-from manyicl.models import for_inference, load_model, load_tokenizer
+from manyicl.models import check_adapter, for_inference, load_model, load_tokenizer
 from manyicl.families import FAMILIES
-from manyicl.tasks import Task, read_examples
+from manyicl.tasks import Task, answer_labels, read_examples
 
 DEFAULTS = EvaluationConfig()  # predict uses evaluation's defaults
 
@@ -26,6 +26,9 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         raise ManyICLError(f"--family: unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if shots != "max" and not shots.isdigit():
         raise ManyICLError(f"--shots: expected a number or max, got {shots!r}")
+    check_output_file(Path(output), "--output")
+    if adapter:
+        check_adapter(adapter)
     demos = read_examples(Path(demos_path))
     queries = read_examples(Path(inputs_path), require_output=False)
     if not demos:
@@ -33,11 +36,13 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
     if not queries:
         raise ManyICLError(f"{inputs_path}: no inputs")
     label_set = [l.strip() for l in labels.split(",") if l.strip()] if labels else None
+    if label_set and FAMILIES[family].label_set:
+        for ex in demos + [q for q in queries if q.output]:
+            for label in answer_labels(ex, family):
+                if label not in label_set:
+                    raise ManyICLError(f"{ex.source}: answer {label!r} is not in --labels {label_set}; add it to "
+                                       "--labels or correct the record")
     task = Task("predict", family, demos, queries, labels=label_set, source=demos_path)
-    if FAMILIES[family].ranked:
-        unknown = sorted({d.output for d in demos} - set(task.labels))
-        if unknown:
-            raise ManyICLError(f"{demos_path}: demonstration answer {unknown[0]!r} is not in --labels {list(task.labels)}")
     tokenizer = load_tokenizer(model_name)
     model = for_inference(load_model(model_name, adapter=adapter))
     prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)

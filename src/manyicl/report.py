@@ -15,6 +15,7 @@ import numpy as np
 
 from manyicl.budget_report import budget_sections
 from manyicl.curve_report import curve_plot, curve_sections, load_curve_table
+from manyicl.files import save_figure, write_atomic
 from manyicl.errors import ManyICLError
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
@@ -192,7 +193,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
     lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(report, "\n".join(lines))
     return report
 
 
@@ -603,7 +604,7 @@ def _training_curves(run_dir: Path) -> tuple[list[str], list[Path]]:
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
     path = plot_dir / "training_curves.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return lines + [""], [path]
 
@@ -673,7 +674,7 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
                loc="lower center", ncol=max(1, len(handles)), fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the legend below the panels
     scaling = plot_dir / "shot_scaling.png"
-    fig.savefig(scaling, dpi=110)
+    save_figure(fig, scaling)
     plt.close(fig)
 
     # methods by family at the headline shot count, with 95 % intervals
@@ -693,6 +694,6 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     ax.legend(fontsize=7)
     fig.tight_layout()
     bars = plot_dir / "methods_by_family.png"
-    fig.savefig(bars, dpi=110)
+    save_figure(fig, bars)
     plt.close(fig)
     return [scaling, bars]

@@ -58,6 +58,8 @@ class Task:
         if FAMILIES[self.family].label_set:
             if self.labels is None:
                 self.labels = derive_labels(self.train or self.test, self.family)
+            else:
+                check_labels([*self.train, *self.test], tuple(self.labels), self.family, where)
             self.labels = tuple(self.labels)
 
     def label_of(self, example: Example) -> str:
@@ -119,6 +121,22 @@ def take_fitting(indices: Iterable[int], cost: Callable[[int], int], budget: int
         kept.append(i)
         used += c
     return kept
+
+
+def answer_labels(example: Example, family: str) -> list[str]:
+    """The labels an answer names: one, or each of a multilabel list."""
+    return example.output.split(MULTILABEL_SEPARATOR) if family == "multilabel" else [example.output]
+
+
+def check_labels(examples: Iterable[Example], labels: tuple[str, ...], family: str, where: str) -> None:
+    """Every answer of a task with declared labels is one of them (each label of a multilabel answer), or one line
+    naming the record: an answer outside the set could never be predicted, and would be silently scored wrong."""
+    known = set(labels)
+    for ex in examples:
+        for label in answer_labels(ex, family):
+            if label not in known:
+                raise ManyICLError(f"{ex.source or where}: answer {label!r} is not one of the labels declared in "
+                                   f"{where} ({', '.join(labels)}); add it to labels or correct the record")
 
 
 def derive_labels(examples: Iterable[Example], family: str) -> tuple[str, ...]:

@@ -8,13 +8,16 @@ Multi-GPU and multi-node (DDP, FSDP, DeepSpeed) come from ``accelerate launch`` 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,12 +32,14 @@ from manyicl.checkpoints import (CHECKPOINT_MARKER, TASK_COUNTS, check_precision
                                  truncate_log)
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
-from manyicl.errors import ManyICLError
-from manyicl.files import write_atomic
+from manyicl.errors import Interrupted, ManyICLError
+from manyicl.files import atomic_path, disk_full, fsync_folder, with_path, write_atomic
 from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation
+from manyicl.runlock import run_lock
+from manyicl.stopping import StopOnSignal
 from manyicl.precision import keep_lora_sums_fp32, measure_cpu_precision, needs_measurement, resolve_precision
 
 
@@ -102,10 +107,12 @@ class ManyICLTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        with saving(folder):
+            super()._save_checkpoint(model, trial)
         counts = _task_counts(self, self.task_names)  # collective: every rank takes part
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            fsync_folder(folder)  # the marker goes last, once everything before it is on disk
             write_atomic(folder / TASK_COUNTS, json.dumps(counts))
             write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash,
                                                                   "precision": self.precision}))
@@ -144,15 +151,39 @@ class TrainLog(TrainerCallback):
         if self.trainer is not None:  # rank 0's sequences of the step (all of them on one process)
             record["tasks"] = sorted(set(self.trainer.last_step_tasks))
         self.last = now
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:  # an append-only log: a line cut off by a full disk is dropped on --resume (checkpoints.truncate_log)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise with_path(e, self.path) from e
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{(record['tokens'] or 0) / max(record['seconds'], 1e-9):.0f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """The progress bar ends before any message that follows it (also when training fails)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def saving(folder: Path) -> Iterator[None]:
+    """A library's save into ``folder``: a partial folder is removed, and a full disk reported as such (torch and
+    safetensors raise their own error types for it, with no path)."""
+    try:
+        yield
+    except Exception as e:
+        full = not isinstance(e, OSError) and disk_full(folder.parent)  # asked before the partial folder goes
+        shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
+        if isinstance(e, OSError):
+            raise with_path(e, folder) from e
+        raise
 
 
 # ---------------------------------------------------------------- the recipe
@@ -171,7 +202,12 @@ class TrainResult:
 def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = False,
           callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """One fine-tune. ``callbacks`` are added to the Trainer (transformers.TrainerCallback), as users of
-    Trainer-based tools expect."""
+    Trainer-based tools expect. One process per output folder (runlock.py)."""
+    with run_lock(config.output_dir):
+        return _train(config, resume, overwrite, callbacks)
+
+
+def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: Sequence[TrainerCallback]) -> TrainResult:
     tr = config.training
     out = Path(config.output_dir)
     chash = config_hash(config)
@@ -262,7 +298,10 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
     )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    trainer.add_callback(TrainLog(out / "train_log.jsonl", trainer))
+    log = TrainLog(out / "train_log.jsonl", trainer)
+    trainer.add_callback(log)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     for callback in callbacks:
         trainer.add_callback(callback)
 
@@ -280,23 +319,35 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         released = release and not torch.cuda.is_available() and phase.enter_context(freed_memory_released())
         if dataset.packed:
             phase.enter_context(packed_attention(model, tr.max_tokens))
+        phase.enter_context(stop)  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except RuntimeError as e:
             if checkpoint is not None and ("size mismatch" in str(e) or "loading state_dict" in str(e)):
                 raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this model ({str(e).splitlines()[0][:160]})") from None
             raise
+        finally:
+            log.close()
     seconds = time.perf_counter() - started
+    if stop.received is not None:
+        raise Interrupted(f"{out}: training stopped by {signal.Signals(stop.received).name} at step "
+                          f"{trainer.state.global_step} (checkpoint saved); run the same command with --resume to "
+                          "continue", stop.received)
 
-    # 5. outputs: a standard PEFT adapter (or full checkpoint), the mixture statistics, the data shards
+    # 5. outputs: a standard PEFT adapter (or full checkpoint), the mixture statistics, the data shards; the weights
+    # written beside their folder and renamed over it once complete
     weights_dir = out / ("adapter" if tr.finetune == "lora" else "model")
-    trainer.save_model(str(weights_dir))
+    staged = weights_dir.with_name(weights_dir.name + ".saving")
+    with saving(staged):
+        trainer.save_model(str(staged))  # collective under DDP/FSDP: every rank takes part, rank 0 writes
     counts = _task_counts(trainer, dataset.names)  # collective: every rank takes part
     if world > 1:
         _write_shard_record(out, trainer, model)
     if trainer.is_world_process_zero():
         if tr.finetune == "full":
-            tokenizer.save_pretrained(weights_dir)
+            tokenizer.save_pretrained(staged)
+        with atomic_path(weights_dir) as tmp:
+            os.replace(staged, tmp)
         mixture = {n: {"weight": round(weights[n], 4), "quota": dataset.quotas[n], **counts[n]} for n in dataset.names}
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
         write_atomic(out / "train_summary.json", json.dumps({

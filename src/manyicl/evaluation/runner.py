@@ -24,6 +24,8 @@ from manyicl.evaluation.prompting import Prompter, check_shots, shot_budget
 from manyicl.families import FAMILIES
 from manyicl.files import read_records, write_atomic
 from manyicl.metrics import rouge_setup
+from manyicl.models import check_adapter
+from manyicl.runlock import run_lock
 from manyicl.tasks import Example, Task, answer_form, choice_text
 
 CURVE_ROLES = ("held_out", "in_distribution")  # the tasks whose learning curves are measured
@@ -110,6 +112,14 @@ def run_evaluation(
     ``evaluation.learning_curve`` the held-out and in-distribution tasks also get their learning curves
     (curves.py, into ``<output_dir>/curves.json``).
     """
+    if adapter:
+        check_adapter(adapter)  # before any model work
+    with run_lock(output_dir or config.output_dir):  # one process per run folder
+        return _evaluate(config, tasks, method, adapter, output_dir, loaded, shots)
+
+
+def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: str | None,
+              output_dir: str | Path | None, loaded: tuple[Any, Any] | None, shots: list[Any] | None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from manyicl.models import for_inference, load_model, load_tokenizer
