@@ -34,17 +34,18 @@ def setup(data: str, length: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from manyicl.data import collate
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
-    from manyicl.data import collate
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
     task = load_task_dir(Path(data) / "sst2")
     builder = SequenceBuilder(task, tokenizer, Formatter.for_task(task), length, "many_shot_all")
-    model = get_peft_model(load_model("smollm2-135m"), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(load_model("smollm2-135m"),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
@@ -111,7 +112,8 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     h = child("heap")
-    print(f"4096-token checkpointed forward: heap in use {h['in_use_mb']:.0f} MB, free but held {h['free_held_mb']:.0f} MB; "
+    print(f"4096-token checkpointed forward: heap in use {h['in_use_mb']:.0f} MB, "
+          f"free but held {h['free_held_mb']:.0f} MB; "
           f"RSS {h['rss_mb']:.0f} MB -> {h['rss_after_trim_mb']:.0f} MB after malloc_trim(0)")
     default = child("step")["seconds_per_step"]
     print(f"1024-token checkpointed step, glibc default: {default:.2f} s")

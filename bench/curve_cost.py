@@ -40,7 +40,8 @@ def main() -> None:
     for name in args.tasks:
         task = load_task_dir(args.data / name)
         start = time.perf_counter()
-        sequences = curve_sequences(task, tokenizer, Formatter.for_task(task, tokenizer), args.max_tokens, args.sequences)
+        sequences = curve_sequences(task, tokenizer, Formatter.for_task(task, tokenizer), args.max_tokens,
+                                    args.sequences)
         built = time.perf_counter() - start
         start = time.perf_counter()
         for seq in sequences:

@@ -19,7 +19,8 @@
 
     python bench/eval_throughput.py [--queries 200] [--naive-queries 10] [--lm-eval-docs 5]
 
-Last line: RESULT speedup_16=… speedup_64=… speedup_256=… floor_ratio_256=… gen_speedup_64=… lm_eval_ratio_128=… identical=…
+Last line:
+    RESULT speedup_16=… speedup_64=… speedup_256=… floor_ratio_256=… gen_speedup_64=… lm_eval_ratio_128=… identical=…
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def run_lm_eval(model, tokenizer, data: Path, shots: int, docs: int) -> tuple[fl
     """lm-evaluation-harness on the same model: (seconds per document, accuracy)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
     from prompt_vs_lm_eval import sst2_task_manager  # the same task YAML (bench/ is on sys.path when run as a script)
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=8192)
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=["manyicl_sst2"], num_fewshot=shots, limit=docs,
-                                  task_manager=sst2_task_manager(data / "sst2" / "train.jsonl", data / "sst2" / "test.jsonl"), random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+                                  task_manager=sst2_task_manager(data / "sst2" / "train.jsonl",
+                                                                 data / "sst2" / "test.jsonl"),
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     seconds = time.perf_counter() - start
     return seconds / docs, out["results"]["manyicl_sst2"]["acc,none"]
 
@@ -75,7 +78,8 @@ def gqa_timings(group_tokens: int, keys: int, heads: int, kv_heads: int, dim: in
     import torch.nn.functional as F
 
     n_rep = heads // kv_heads
-    q, k, v = torch.randn(1, heads, group_tokens, dim), torch.randn(1, kv_heads, keys, dim), torch.randn(1, kv_heads, keys, dim)
+    q, k, v = (torch.randn(1, heads, group_tokens, dim), torch.randn(1, kv_heads, keys, dim),
+               torch.randn(1, kv_heads, keys, dim))
     mask = torch.zeros(1, 1, group_tokens, keys)
     mask[..., keys - group_tokens :] = torch.triu(torch.full((group_tokens, group_tokens), float("-inf")), 1)
     folded_mask = mask.repeat(1, 1, n_rep, 1)
@@ -166,8 +170,9 @@ def main() -> None:
             encoded = [prompter.encode_query(prompter.context(demos), q) for q in queries]
             flops = cell_flops(model.config, len(prefix), [e.ids for e in encoded], [e.candidates for e in encoded])
             floor_ratio = fast.seconds / (flops / rate / 1e9)
-            print(f"  256-shot cell: {flops / 1e12:.2f} TFLOP -> floor {flops / rate / 1e9:.1f} s at {rate:.0f} GFLOP/s; "
-                  f"wall {fast.seconds:.1f} s; floor ratio {floor_ratio:.2f}; peak RSS {rss_shared:.0f} MB (shared cells)")
+            print(f"  256-shot cell: {flops / 1e12:.2f} TFLOP -> floor {flops / rate / 1e9:.1f} s "
+                  f"at {rate:.0f} GFLOP/s; wall {fast.seconds:.1f} s; floor ratio {floor_ratio:.2f}; "
+                  f"peak RSS {rss_shared:.0f} MB (shared cells)")
             group = args.batch_tokens
             print("  grouped-query attention, one layer, %d group tokens over %d keys (ms): %s" % (
                 group, len(prefix) + group, ", ".join(f"{k} {v:.0f}" for k, v in gqa_timings(
@@ -188,8 +193,8 @@ def main() -> None:
         ours = fast.seconds / len(fast.predictions)
         lm_eval_ratio = per_doc / ours
         print(f"lm-eval sst2@128: {per_doc:.2f} s/document, accuracy {accuracy:.3f} on {args.lm_eval_docs} documents | "
-              f"manyicl sst2@{fast.shots}: {ours:.3f} s/query, accuracy {fast.metrics['value']:.3f} on {len(fast.predictions)} "
-              f"queries | ratio {lm_eval_ratio:.1f}x")
+              f"manyicl sst2@{fast.shots}: {ours:.3f} s/query, accuracy {fast.metrics['value']:.3f} "
+              f"on {len(fast.predictions)} queries | ratio {lm_eval_ratio:.1f}x")
     print(f"peak RSS at the end: {peak_rss_mb():.0f} MB")
     print("RESULT " + " ".join(f"speedup_{k}={v:.1f}" for k, v in speedups.items())
           + f" floor_ratio_256={floor_ratio:.2f} gen_speedup_64={gen_speedup:.1f} lm_eval_ratio_128={lm_eval_ratio:.1f}"

@@ -33,7 +33,8 @@ def main() -> None:
     fp32, bf16 = gflops(torch.float32), gflops(torch.bfloat16)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, AVX-512 BF16 or AMX: {cpu_has_fast_bf16()}")
-    print(f"RESULT fp32_gflops={fp32:.0f} bf16_gflops={bf16:.0f} bf16_ratio={bf16 / fp32:.2f} auto={resolve_precision('auto')}")
+    print(f"RESULT fp32_gflops={fp32:.0f} bf16_gflops={bf16:.0f} bf16_ratio={bf16 / fp32:.2f} "
+          f"auto={resolve_precision('auto')}")
 
 
 if __name__ == "__main__":

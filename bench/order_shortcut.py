@@ -4,8 +4,8 @@ earlier label-round order (the numbers behind tests/test_leakage.py and docs/RES
     python bench/order_shortcut.py [--tasks sst2 trec snli] [--seeds 8]
 
 Per task and order: the accuracy of "least-seen label so far" and "label missing from the current round" on every
-supervised answer of 2,048-token many_shot_all sequences, the majority-label rate there and the upper end of its binomial
-95 % band (a predictor above it is a shortcut).
+supervised answer of 2,048-token many_shot_all sequences, the majority-label rate there and the upper end of its
+binomial 95 % band (a predictor above it is a shortcut).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_leakage as leakage  # noqa: E402  the predictors and the round order live with the test
-
 from manyicl.models import load_tokenizer  # noqa: E402
 from manyicl.tasks import load_task_dir  # noqa: E402
 

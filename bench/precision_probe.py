@@ -71,8 +71,8 @@ def main() -> None:
               f"bf16 {probe.bf16_seconds:.2f} s -> {probe.choice}; real step fp32 {fp32:.2f} s, bf16 {bf16:.2f} s "
               f"-> {step_choice}")
         print(f"RESULT length={length} probe_choice={probe.choice} probe_seconds={probe_wall:.1f} "
-              f"probe_bf16_over_fp32={probe.bf16_seconds / probe.fp32_seconds:.2f} step_bf16_over_fp32={bf16 / fp32:.2f} "
-              f"agrees={'yes' if step_choice == probe.choice else 'no'}")
+              f"probe_bf16_over_fp32={probe.bf16_seconds / probe.fp32_seconds:.2f} "
+              f"step_bf16_over_fp32={bf16 / fp32:.2f} agrees={'yes' if step_choice == probe.choice else 'no'}")
 
 
 if __name__ == "__main__":

@@ -113,10 +113,11 @@ def main() -> None:
         ia, ib = cell_interval(a, accuracy), cell_interval(b, accuracy)
         d = paired_difference(a, b, accuracy)
         print(f"| {shots} | {args.seeds} ({', '.join(per_seed)}) | {ia.value:.3f} [{ia.low:.3f}, {ia.high:.3f}] | "
-              f"{ib.value:.3f} [{ib.low:.3f}, {ib.high:.3f}] | {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.p_value:.3f} |",
+              f"{ib.value:.3f} [{ib.low:.3f}, {ib.high:.3f}] | {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | "
+              f"{d.p_value:.3f} |",
               flush=True)
-        result += [f"manyicl_{shots}={ia.value:.3f}", f"lm_eval_{shots}={ib.value:.3f}", f"diff_{shots}={d.difference:+.3f}",
-                   f"p_{shots}={d.p_value:.3f}"]
+        result += [f"manyicl_{shots}={ia.value:.3f}", f"lm_eval_{shots}={ib.value:.3f}",
+                   f"diff_{shots}={d.difference:+.3f}", f"p_{shots}={d.p_value:.3f}"]
     print("RESULT " + " ".join(result))
 
 

@@ -31,7 +31,8 @@ def main() -> None:
     tokenizer = load_tokenizer("smollm2-135m")
     tasks = {name: load_task_dir(Path(args.data) / name) for name in list_task_dirs(args.data)}
     longest = max(tasks, key=lambda n: statistics.mean(len(e.input) for e in tasks[n].train))
-    print(f"{'task':<10} {'mean input chars':>16} | {'budget':>6} {'demos/seq':>9} {'min':>4} {'max':>4} {'inputs cut':>10}")
+    print(f"{'task':<10} {'mean input chars':>16} | "
+          f"{'budget':>6} {'demos/seq':>9} {'min':>4} {'max':>4} {'inputs cut':>10}")
     for name in ("sst2", "agnews", longest):
         task = tasks[name]
         for budget in (1024, 4096):
@@ -46,7 +47,8 @@ def main() -> None:
     for seed in range(args.sequences):
         b.build(seed)
     seconds = time.perf_counter() - start
-    print(f"built {args.sequences} sst2 sequences of 1024 tokens in {seconds:.2f} s ({1000 * seconds / args.sequences:.2f} ms each)")
+    print(f"built {args.sequences} sst2 sequences of 1024 tokens in {seconds:.2f} s "
+          f"({1000 * seconds / args.sequences:.2f} ms each)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens:
                        (src/manyicl/packing.py); (zd) the same rows through transformers' dense block mask
 (b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
 Precision: the rows above run fp32 (``training.precision: fp32``); (a) runs again with bf16 autocast
-(``precision: bf16``, what auto picks on a CPU with AVX-512 BF16) at both lengths, and (z)/(zd) run in both precisions at the short length.
+(``precision: bf16``, what auto picks on a CPU with AVX-512 BF16) at both lengths, and (z)/(zd) run in both
+precisions at the short length.
 packed_ratio: (z) / (a) tokens/s at the short length in fp32, the precision CPU runs train in.
 bf16_loss_diff: 30 steps of (a) at the short length in fp32 and in bf16 on the same sequences from the same
 LoRA initialisation, mean over steps of |loss_bf16 - loss_fp32| / loss_fp32.
@@ -35,7 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = {"a": "many_shot_all", "b": "many_shot_last", "c": "plain", "z": "packed zero_shot", "zd": "packed zero_shot, dense mask"}
+PATHS = {"a": "many_shot_all", "b": "many_shot_last", "c": "plain", "z": "packed zero_shot",
+         "zd": "packed zero_shot, dense mask"}
 
 
 def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
@@ -49,13 +51,15 @@ def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
-def one(path: str, length: int, steps: int, data: str, checkpointing: bool, release: bool, precision: str = "fp32") -> dict:
+def one(path: str, length: int, steps: int, data: str, checkpointing: bool, release: bool,
+        precision: str = "fp32") -> dict:
     """Runs in a child process: warm-up step, then ``steps`` timed LoRA optimizer steps."""
     from contextlib import nullcontext
 
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from manyicl.data import collate
     from manyicl.formatter import Formatter
     from manyicl.loss import full_logits_loss, target_only_loss
     from manyicl.memory import release_freed_memory
@@ -64,7 +68,6 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     from manyicl.precision import keep_lora_sums_fp32
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
-    from manyicl.data import collate
 
     if release and not release_freed_memory():
         raise SystemExit("release_freed_memory does not apply on this platform (needs Linux with glibc)")
@@ -75,7 +78,8 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     builder = SequenceBuilder(task, tokenizer, Formatter.for_task(task), length, objective)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model = load_model("smollm2-135m")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
     if precision == "bf16":
         keep_lora_sums_fp32(model)  # as manyicl trains in bf16
     if checkpointing:
@@ -140,10 +144,12 @@ def main() -> None:
     parser.add_argument("--curves-only", action="store_true",
                         help="only the fp32 vs bf16 loss curves at the short length (bf16_loss_diff, and the two "
                              "runs' tokens/s ratio)")
-    parser.add_argument("--one", nargs=5, metavar=("PATH", "LENGTH", "CHECKPOINTING", "RELEASE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=5, metavar=("PATH", "LENGTH", "CHECKPOINTING", "RELEASE", "PRECISION"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1", args.one[3] == "1", args.one[4])))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.steps, args.data, args.one[2] == "1",
+                             args.one[3] == "1", args.one[4])))
         return
     short, long = (int(x) for x in args.lengths.split(","))
     if args.curves_only:
@@ -156,10 +162,11 @@ def main() -> None:
         return
     peak = matmul_peak_flops()
     # (path, tokens, gradient checkpointing, freed memory returned to the OS, precision)
-    plan = [("a", short, 0, 0, "fp32"), ("b", short, 0, 0, "fp32"), ("c", short, 0, 0, "fp32"), ("a", long, 0, 0, "fp32"),
-            ("c", long, 0, 0, "fp32"), ("a", long, 1, 0, "fp32"), ("c", long, 1, 0, "fp32"), ("a", long, 1, 1, "fp32"),
-            ("c", long, 1, 1, "fp32"), ("z", short, 0, 0, "fp32"), ("zd", short, 0, 0, "fp32"), ("a", short, 0, 0, "bf16"),
-            ("z", short, 0, 0, "bf16"), ("zd", short, 0, 0, "bf16"), ("a", long, 0, 0, "bf16")]
+    plan = [("a", short, 0, 0, "fp32"), ("b", short, 0, 0, "fp32"), ("c", short, 0, 0, "fp32"),
+            ("a", long, 0, 0, "fp32"), ("c", long, 0, 0, "fp32"), ("a", long, 1, 0, "fp32"), ("c", long, 1, 0, "fp32"),
+            ("a", long, 1, 1, "fp32"), ("c", long, 1, 1, "fp32"), ("z", short, 0, 0, "fp32"),
+            ("zd", short, 0, 0, "fp32"), ("a", short, 0, 0, "bf16"), ("z", short, 0, 0, "bf16"),
+            ("zd", short, 0, 0, "bf16"), ("a", long, 0, 0, "bf16")]
     rows = {}
 
     def run(key: tuple, steps: int) -> dict:
@@ -170,11 +177,13 @@ def main() -> None:
         rows[key] = r = run(key, args.steps)
         name = PATHS[path] + (" +ckpt" if gc else "") + (" +release" if release else "") + f" {precision}"
         print(f"{name:>30} {length:>5} tok | {r['seconds_per_step']:6.2f} s/step | {r['tokens_per_s']:7.1f} tok/s | "
-              f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | peak RSS {r['peak_rss_mb']:6.0f} MB "
-              f"(+{r['peak_over_model_mb']:5.0f} MB over loaded model) | MFU {r['flops_per_s'] / peak:.3f}", flush=True)
+              f"{r['answers_per_s']:6.2f} answers/s ({r['answers_per_step']:.0f}/step) | "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB (+{r['peak_over_model_mb']:5.0f} MB over loaded model) | "
+              f"MFU {r['flops_per_s'] / peak:.3f}", flush=True)
     print(f"fp32 matmul peak (2048^3): {peak / 1e9:.0f} GFLOP/s")
     # the loss curves: same sequences, same LoRA initialisation, fp32 vs bf16 autocast
-    curves = {precision: run(("a", short, 0, 0, precision), args.curve_steps)["losses"] for precision in ("fp32", "bf16")}
+    curves = {precision: run(("a", short, 0, 0, precision), args.curve_steps)["losses"]
+              for precision in ("fp32", "bf16")}
     loss_diff = sum(abs(b - f) / f for f, b in zip(curves["fp32"], curves["bf16"])) / args.curve_steps
     print(f"loss curves over {args.curve_steps} steps at {short} (fp32 | bf16): "
           + " ".join(f"{f:.3f}|{b:.3f}" for f, b in zip(curves["fp32"], curves["bf16"])))
@@ -186,7 +195,8 @@ def main() -> None:
     b16 = lambda path, length: (path, length, 0, 0, "bf16")  # noqa: E731
     print(f"peak RSS (a)/(c) at {long}: {ratio(f32('a', long), f32('c', long), 'peak_rss_mb'):.3f} plain, "
           f"{ratio(f32('a', long, 1), f32('c', long, 1), 'peak_rss_mb'):.3f} checkpointed, "
-          f"{ratio(f32('a', long, 1, 1), f32('c', long, 1, 1), 'peak_rss_mb'):.3f} checkpointed + release (as manyicl trains)")
+          f"{ratio(f32('a', long, 1, 1), f32('c', long, 1, 1), 'peak_rss_mb'):.3f} checkpointed + release "
+          "(as manyicl trains)")
     print(f"tokens/s (a)/(c): {ratio(f32('a', short), f32('c', short), 'tokens_per_s'):.3f} at {short}, "
           f"{ratio(f32('a', long), f32('c', long), 'tokens_per_s'):.3f} at {long}, "
           f"{ratio(f32('a', long, 1, 1), f32('c', long, 1, 1), 'tokens_per_s'):.3f} at {long} checkpointed + release")

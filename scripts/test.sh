@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m ruff check .  # pyflakes, pycodestyle at 120 columns, isort (pyproject.toml)
 python -m pytest -q -p no:cacheprovider "$@"

@@ -71,7 +71,8 @@ def build_llama_style_tokenizer():
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +80,8 @@ def llama_tokenizer(data_dir):
     return build_llama_style_tokenizer()
 
 
-def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, kv_heads: int = 2,
-               attention: str = "sdpa", **extra):
+def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+               kv_heads: int = 2, attention: str = "sdpa", **extra):
     """A random-init causal LM of a real architecture, small enough for CPU tests (grouped-query by default)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

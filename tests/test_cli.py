@@ -27,12 +27,15 @@ def test_show_sequence_json_sst2(data_dir, smol_tokenizer):
     spans = [range(s, e) for s, e in seq["target_spans"]]
     supervised = [i for i, lab in enumerate(seq["labels"]) if lab != -100]
     assert supervised == [i for r in spans for i in r]
-    answers = {json.loads(l)["output"] for l in (data_dir / "sst2" / "train.jsonl").read_text().split("\n") if l}
+    answers = {json.loads(line)["output"] for line in (data_dir / "sst2" / "train.jsonl").read_text().split("\n")
+               if line}
     for s, e in seq["target_spans"]:
         text = smol_tokenizer.decode(seq["input_ids"][s:e])
         assert text.startswith(" ") and text.endswith("\n\n") and text.strip() in answers
-    last = json.loads(run("show-sequence", "--data", data_dir / "sst2", "--objective", "many_shot_last", "--format", "json").stdout)
-    zero = json.loads(run("show-sequence", "--data", data_dir / "sst2", "--objective", "zero_shot", "--format", "json").stdout)
+    last = json.loads(run("show-sequence", "--data", data_dir / "sst2", "--objective", "many_shot_last",
+                          "--format", "json").stdout)
+    zero = json.loads(run("show-sequence", "--data", data_dir / "sst2", "--objective", "zero_shot",
+                          "--format", "json").stdout)
     assert last["n_targets"] == 1 and zero["n_targets"] == 1 and zero["n_demonstrations"] == 0
 
 
@@ -45,9 +48,11 @@ def test_show_sequence_text_marks_targets(data_dir):
     "setup, args, message",
     [
         (lambda d: write_task(d / "t", [{"input": "a", "output": "b"}]), ["--objective", "nope"], "unknown objective"),
-        (lambda d: write_task(d / "t", [{"input": "a", "output": "b" * 500}]), ["--max-tokens", "16"], "smaller than one example"),
+        (lambda d: write_task(d / "t", [{"input": "a", "output": "b" * 500}]), ["--max-tokens", "16"],
+         "smaller than one example"),
         (lambda d: (d / "t").mkdir(), [], "no train.jsonl"),
-        (lambda d: write_task(d / "t", [{"input": "a", "output": "b"}]), ["--model", "./no/such/model"], "path does not exist"),
+        (lambda d: write_task(d / "t", [{"input": "a", "output": "b"}]), ["--model", "./no/such/model"],
+         "path does not exist"),
     ],
 )
 def test_show_sequence_errors(tmp_path, setup, args, message):

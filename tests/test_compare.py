@@ -90,6 +90,10 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     assert "Average over the 2 held-out tasks at each task's last k, manyicl − method" in report
     assert "## In distribution (the mixture's own tasks" in report
     assert {r["shots_requested"] for r in results if r["role"] == "in_distribution"} == {"max"}
+    # every fine-tune's adapter has a model card, with this run's evaluation once compare made one
+    card = (out / "train" / "manyicl" / "adapter" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "many_shot_all" in card
+    assert "| sym_sentiment |" in card and "tokens:" in card and "## Evaluation" in card and "**average**" in card
     # the budget point: every mixture fine-tune from its step-1 checkpoint, held-out tasks at max, and its curves
     early = json.loads((out / "budgets" / "step-1" / "results.json").read_text())
     mixture_methods = {"zero_shot_ft", "few_shot_ft", "many_shot_last_ft", "manyicl"}
@@ -137,9 +141,11 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"tasks__held_out": [{"name": "addition", "synthetic": True}]}, "'addition' is in both meta_train and held_out"),
+        ({"tasks__held_out": [{"name": "addition", "synthetic": True}]},
+         "'addition' is in both meta_train and held_out"),
         ({"compare__methods": ["base", "magic"]}, "unknown method 'magic'"),
-        ({"tasks__distance": {"sym_topic": "near", "addition": "far"}}, "tasks.distance: 'addition' is not a held-out task"),
+        ({"tasks__distance": {"sym_topic": "near", "addition": "far"}},
+         "tasks.distance: 'addition' is not a held-out task"),
         ({"tasks__distance": {"sym_topic": "near"}}, "held-out task 'key_lookup' has no label; say near or far"),
         ({"tasks__distance": {"sym_topic": "close", "key_lookup": "far"}}, "tasks.distance.sym_topic"),
         ({"evaluation__shots": [0, "max@lots"]}, "evaluation.shots.1"),
@@ -171,7 +177,8 @@ def test_compare_refuses_a_different_config(tiny_model_dir, tmp_path):
     assert run(path, "--only", "base").exit_code == 0  # a memory/speed setting: same results, accepted
     path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__learning_rate=0.1)))
     result = run(path, "--only", "base")
-    assert result.exit_code == 2 and "different config (training differ)" in result.stderr and "--overwrite" in result.stderr
+    assert (result.exit_code == 2 and "different config (training differ)" in result.stderr
+            and "--overwrite" in result.stderr)
     assert run(path, "--only", "base", "--overwrite").exit_code == 0
 
 

@@ -13,7 +13,8 @@ def test_defaults_and_overrides(tmp_path):
     defaults = load_config(None, [])  # no file: the documented defaults, sized to resolve differences
     assert defaults.evaluation.max_queries >= 200 and len(defaults.evaluation.seeds) == 3
     assert defaults.evaluation.balance_labels and defaults.format.multiple_choice == "cloze"
-    assert defaults.model.name == "smollm2-135m" and defaults.evaluation.scoring in ("sum", "mean", "per_char", "calibrated")
+    assert (defaults.model.name == "smollm2-135m"
+            and defaults.evaluation.scoring in ("sum", "mean", "per_char", "calibrated"))
     assert "max_tokens: 2048" in dump_config(cfg)
 
 
@@ -26,7 +27,8 @@ def test_defaults_and_overrides(tmp_path):
         ("", ["training.max_tokens=-1"], "training.max_tokens"),
         ("", ["nonsense"], "expected key.path=value"),
         ("evaluation: {multiple_choice: letter}\n", [], "evaluation.multiple_choice: moved to format.multiple_choice"),
-        ("training: {balance_labels: true}\n", [], "training.balance_labels: retired: training sequences are always in"),
+        ("training: {balance_labels: true}\n", [],
+         "training.balance_labels: retired: training sequences are always in"),
     ],
 )
 def test_bad_config(tmp_path, text, override, message):

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model
 from manyicl.curve_report import average_difference_at_last_k, difference_at_k, load_curve_table
 from manyicl.evaluation.curves import answer_losses, curve_sequences, run_curves
 from manyicl.formatter import Formatter
 from manyicl.tasks import load_task_dir
-
-from conftest import tiny_model
 
 
 def test_answer_losses_equal_the_full_logits_loss_of_every_answer(llama_tokenizer, data_dir):

@@ -160,7 +160,8 @@ def test_shared_prefix_equals_naive_smollm2(data_dir):
 def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, data_dir, tmp_path / "out")
     cfg["tasks"].update(held_out=["sst2", "lama_P36"], forgetting=["mmlu"])
-    cfg["evaluation"] = {"shots": [0, 3], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [2], "max_tokens": 2048}
+    cfg["evaluation"] = {"shots": [0, 3], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [2],
+                         "max_tokens": 2048}
     config = ExperimentConfig.model_validate(cfg)
     from manyicl.catalog import load_tasks
 
@@ -169,7 +170,8 @@ def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     results = run_evaluation(config, tasks)
     assert len(results) == 2 * (1 + 2) + 1 * 2  # 0 shots: one cell (no demonstrations to draw), 3 shots: one per seed
     r = results[0]
-    for key in ("model", "adapter", "method", "task", "family", "metric", "shots", "seed", "value", "n", "prefix_tokens", "seconds"):
+    for key in ("model", "adapter", "method", "task", "family", "metric", "shots", "seed", "value", "n",
+                "prefix_tokens", "seconds"):
         assert key in r
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk == results
@@ -198,7 +200,8 @@ def test_cells_with_the_same_prompts_are_run_once(tiny_model_dir, data_dir, tmp_
     with pytest.warns(UserWarning, match="only"):
         both = {r["shots_requested"]: r for r in evaluate(tmp_path / "both", [100, "max"])}
     alone = evaluate(tmp_path / "alone", ["max"])[0]
-    assert both["max"]["same_prompts_as"] == 100 and both["max"]["seconds"] == 0.0 and "same_prompts_as" not in both[100]
+    assert (both["max"]["same_prompts_as"] == 100 and both["max"]["seconds"] == 0.0
+            and "same_prompts_as" not in both[100])
     for key in ("shots", "value", "ci_low", "ci_high", "prefix_tokens"):
         assert both[100][key] == both["max"][key] == alone[key]
     read = lambda out, r: (out / r["predictions"]).read_text()  # noqa: E731
@@ -244,7 +247,8 @@ def test_adapter_for_another_base_model(tiny_model_dir, tmp_path, llama_tokenize
     peft = get_peft_model(other, LoraConfig(r=2, target_modules="all-linear"))
     peft.save_pretrained(tmp_path / "adapter")
     # the architecture when the base is known, else the weights that do not fit
-    with pytest.raises(ManyICLError, match="adapter .* was trained on|safetensors: cannot be loaded on model .*; load it on"):
+    with pytest.raises(ManyICLError,
+                       match="adapter .* was trained on|safetensors: cannot be loaded on model .*; load it on"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
 
 
@@ -263,7 +267,8 @@ def test_evaluation_merges_a_lora_adapter_with_the_same_scores(tiny_model_dir, d
         if "lora_B" in name:  # a non-zero update, so merging changes the weights
             torch.nn.init.normal_(param, std=0.5)
     peft.save_pretrained(tmp_path / "adapter")
-    assert not any("lora" in n for n, _ in for_inference(load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))).named_parameters())
+    assert not any("lora" in n for n, _ in
+                   for_inference(load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))).named_parameters())
 
     def evaluate(out, **how):
         cfg = tiny_config(tiny_model_dir, data_dir, out)
@@ -292,16 +297,18 @@ def test_predict_cli(tiny_model_dir, tmp_path):
     from manyicl.cli import main
 
     demos = tmp_path / "demos.jsonl"
-    demos.write_text("".join(json.dumps({"input": f"item {i}", "output": ["cat", "dog"][i % 2]}) + "\n" for i in range(8)))
+    demos.write_text("".join(json.dumps({"input": f"item {i}", "output": ["cat", "dog"][i % 2]}) + "\n"
+                             for i in range(8)))
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"input": "first"}) + "\n" + json.dumps({"input": "second", "output": "dog"}) + "\n")
     out = tmp_path / "pred.jsonl"
     result = CliRunner().invoke(main, ["predict", "--model", str(tiny_model_dir), "--demos", str(demos), "--inputs",
                                        str(inputs), "--shots", "4", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [l["input"] for l in lines] == ["first", "second"]
-    assert all(l["prediction"] in ("cat", "dog") for l in lines) and lines[1]["output"] == "dog" and "output" not in lines[0]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["input"] for line in lines] == ["first", "second"]
+    assert (all(line["prediction"] in ("cat", "dog") for line in lines) and lines[1]["output"] == "dog"
+            and "output" not in lines[0])
     bad = CliRunner().invoke(main, ["predict", "--model", str(tiny_model_dir), "--demos", str(demos), "--inputs",
                                     str(inputs), "--shots", "4", "--output", str(out), "--labels", "cat,bird"])
     assert bad.exit_code == 2 and "'dog' is not in --labels" in bad.stderr
@@ -317,7 +324,8 @@ def test_eval_on_two_ranks_merges_the_same_records(tiny_model_dir, data_dir, tmp
     def config(out):
         cfg = tiny_config(tiny_model_dir, data_dir, out)
         cfg["tasks"].update(held_out=["sst2", "lama_P36"], forgetting=["rte"])
-        cfg["evaluation"] = {"shots": [0, 2], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [1], "max_tokens": 512}
+        cfg["evaluation"] = {"shots": [0, 2], "seeds": [0, 1], "max_queries": 3, "forgetting_shots": [1],
+                             "max_tokens": 512}
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
@@ -325,8 +333,9 @@ def test_eval_on_two_ranks_merges_the_same_records(tiny_model_dir, data_dir, tmp
     one = CliRunner().invoke(main, ["eval", str(config(tmp_path / "one"))])
     assert one.exit_code == 0, one.output
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "manyicl.cli", "eval", str(config(tmp_path / "two"))],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "manyicl.cli", "eval",
+         str(config(tmp_path / "two"))],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

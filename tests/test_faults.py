@@ -64,7 +64,8 @@ def holder(tmp_path):
     processes = []
 
     def hold(folder: Path) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
         assert p.stdout.readline().strip() == "held"
         processes.append(p)
         return p
@@ -232,7 +233,8 @@ def test_evaluating_and_predicting_onto_a_full_disk(tiny_model_dir, data_dir, tm
     line = error_line(result.stderr)
     assert result.returncode == 1 and "No space left on device" in line and str(disk / "eval") in line
     assert sorted(p.name for p in disk.iterdir()) == ["filler0"]  # no results.json, no prediction, no lock
-    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"}, {"input": "bad", "output": "negative"}])
+    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"},
+                                        {"input": "bad", "output": "negative"}])
     fill(disk)
     result = manyicl("predict", "--model", tiny_model_dir, "--demos", demos / "train.jsonl", "--inputs",
                      demos / "train.jsonl", "--output", disk / "out.jsonl")
@@ -278,12 +280,14 @@ def test_every_os_error_is_one_line(code):
 
 
 def test_predict_output_paths(tiny_model_dir, tmp_path):
-    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"}, {"input": "bad", "output": "negative"}])
+    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"},
+                                        {"input": "bad", "output": "negative"}])
     args = ["predict", "--model", "no-such-model/anywhere/at-all", "--demos", demos / "train.jsonl", "--inputs",
             demos / "train.jsonl", "--output"]
     # a folder as --output: refused before the (missing) model is looked at
     result = manyicl(*args, tmp_path)
-    assert result.returncode == 2 and error_line(result.stderr) == f"error: --output {tmp_path}: is a folder; name a file in it"
+    assert (result.returncode == 2
+            and error_line(result.stderr) == f"error: --output {tmp_path}: is a folder; name a file in it")
     (tmp_path / "afile").write_text("x")
     result = manyicl(*args, tmp_path / "afile" / "out.jsonl")
     assert result.returncode == 2 and "is a file, not a folder" in error_line(result.stderr)
@@ -329,7 +333,8 @@ def trained_adapter(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 def test_broken_adapters(tiny_model_dir, data_dir, tmp_path, trained_adapter):
-    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"}, {"input": "bad", "output": "negative"}])
+    demos = write_task(tmp_path / "d", [{"input": "good", "output": "positive"},
+                                        {"input": "bad", "output": "negative"}])
     cfg = tiny_config(tiny_model_dir, data_dir, tmp_path / "eval")
     cfg["evaluation"] = {"shots": [0], "max_queries": 2, "seeds": [0]}
     path = write_config(tmp_path / "c.yaml", cfg)
@@ -363,7 +368,8 @@ def test_an_answer_outside_the_declared_labels(tmp_path, split, family, labels, 
     result = manyicl("show-sequence", "--data", task, env={"MANYICL_CACHE": str(empty_cache)})
     line = error_line(result.stderr)
     culprit = "rage" if family == "multilabel" else bad
-    assert result.returncode == 2 and f"{task / f'{split}.jsonl'}:3: answer {culprit!r} is not one of the labels" in line
+    assert (result.returncode == 2
+            and f"{task / f'{split}.jsonl'}:3: answer {culprit!r} is not one of the labels" in line)
     assert not empty_cache.exists()  # refused before the model was converted
 
 

@@ -101,7 +101,8 @@ def test_no_answer_is_predictable_from_the_answers_before_it(real_tasks, smol_to
 def test_negative_control_the_round_order_gives_answers_away(real_tasks, smol_tokenizer, name):
     """The same check on the label-round order must fail, or it could not catch the shortcut."""
     task = real_tasks[name]
-    rates, majority, n = predictor_rates(_sequences(RoundOrderBuilder, task, smol_tokenizer), _labels_by_frequency(task))
+    rates, majority, n = predictor_rates(_sequences(RoundOrderBuilder, task, smol_tokenizer),
+                                         _labels_by_frequency(task))
     assert any(beats_majority(rate, majority, n) for rate in rates.values()), (rates, majority, n)
 
 

@@ -115,11 +115,10 @@ def test_cloze_multiple_choice_scores_the_option_texts(llama_tokenizer, data_dir
 
 
 def test_records_carry_intervals_histograms_scores_and_skips(tiny_model_dir, data_dir, tmp_path):
+    from conftest import tiny_config
     from manyicl.config import ExperimentConfig
     from manyicl.evaluation import run_evaluation
     from manyicl.report import write_report
-
-    from conftest import tiny_config
 
     long_query = {"input": "long " * 300, "output": "no"}
     d = write_task(tmp_path / "data" / "t", [{"input": f"x{i}", "output": ["yes", "no"][i % 2]} for i in range(20)],
@@ -134,10 +133,10 @@ def test_records_carry_intervals_histograms_scores_and_skips(tiny_model_dir, dat
         assert r["n"] == 10 and r["skipped"] == 1 and r["ci_low"] <= r["value"] <= r["ci_high"]
         assert sum(r["prediction_counts"].values()) == 9 and r["gold_counts"] == {"no": 5, "yes": 5}
         assert r["demo_labels"] == {"yes": 2, "no": 2} and r["scoring"] == config.evaluation.scoring
-        lines = [json.loads(l) for l in (tmp_path / "out" / r["predictions"]).read_text().splitlines()]
+        lines = [json.loads(line) for line in (tmp_path / "out" / r["predictions"]).read_text().splitlines()]
         assert len(lines) == 10 and lines[-1]["skipped"] and lines[-1]["metric_row"] == [0.0]  # wrong, not dropped
         assert set(lines[0]["scores"]) == {"sum", "mean", "per_char", "calibrated"}
-        assert r["value"] == pytest.approx(np.mean([l["metric_row"][0] for l in lines]))
+        assert r["value"] == pytest.approx(np.mean([line["metric_row"][0] for line in lines]))
     report = write_report(tmp_path / "out").read_text()
     assert "[" in report.split("| t |")[1].splitlines()[0]  # the cell shows its interval
     assert "too long for the context (scored as wrong, kept in every denominator): 2" in report
@@ -159,14 +158,14 @@ def test_shot_scaling_plot_draws_two_requests_that_use_the_same_shots(tmp_path):
 
 
 def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
+    from conftest import tiny_config
     from manyicl.config import ExperimentConfig
     from manyicl.errors import ManyICLError
     from manyicl.evaluation import run_evaluation
 
-    from conftest import tiny_config
-
     record = {"input": "Question: 1+1?\nA. 2\nB. 3", "output": "A", "choices": ["2", "3"]}
-    d = write_task(tmp_path / "data" / "mc", [record] * 4, [record, {**record, "output": "C"}], "family: multiple_choice\n")
+    d = write_task(tmp_path / "data" / "mc", [record] * 4, [record, {**record, "output": "C"}],
+                   "family: multiple_choice\n")
     config = ExperimentConfig.model_validate(tiny_config(tiny_model_dir, tmp_path / "data", tmp_path / "out"))
     with pytest.raises(ManyICLError, match=r"test.jsonl:2: answer 'C' is not a letter of its 2 choices"):
         run_evaluation(config, [(load_task_dir(d), "held_out")])
@@ -206,7 +205,8 @@ def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed(
 
     def record(method, seed, collapsed):
         return {"method": method, "task": "rte", "shots_requested": 8, "seed": seed, "collapsed": collapsed,
-                "prediction_counts": {"no": 10} if collapsed else {"no": 5, "yes": 5}, "gold_counts": {"no": 5, "yes": 5}}
+                "prediction_counts": {"no": 10} if collapsed else {"no": 5, "yes": 5},
+                "gold_counts": {"no": 5, "yes": 5}}
 
     lines = _flagged([record("base", 0, True), record("base", 1, True), record("manyicl", 0, False),
                       record("manyicl", 1, True)])

@@ -3,7 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from manyicl.metrics import METRICS, last_number, metric_rows, numeric_match, rouge_scores, score, sklearn_macro_f1, token_f1
+from manyicl.metrics import (
+    METRICS,
+    last_number,
+    metric_rows,
+    numeric_match,
+    rouge_scores,
+    score,
+    sklearn_macro_f1,
+    token_f1,
+)
 
 
 def test_exact_match_normalisation_and_multiple_golds():
@@ -43,7 +52,8 @@ def test_value_from_per_query_rows_equals_the_library(metric, predictions, golds
         "multilabel_f1": lambda: 2 * 2 / (2 * 2 + 1 + 2),  # tp=2 (joy, anger), fp=1 (love), fn=2 (fear, joy)
         "exact_match": lambda: 0.5,
     }[metric]()
-    assert from_rows == pytest.approx(library) and score(metric, predictions, golds, labels)["value"] == pytest.approx(library)
+    assert (from_rows == pytest.approx(library)
+            and score(metric, predictions, golds, labels)["value"] == pytest.approx(library))
 
 
 def test_score_companions():

@@ -1,4 +1,5 @@
-"""Invariants of the sequence builder, property-tested on two tokenizer families (byte-level BPE and SentencePiece-style)."""
+"""Invariants of the sequence builder, property-tested on two tokenizer families (byte-level BPE and
+SentencePiece-style)."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -104,7 +105,8 @@ def test_sst2_many_shot_counts(smol_tokenizer, data_dir):
     assert all_t.n_targets == all_t.n_demonstrations >= 20
     assert last.n_targets == 1 and last.input_ids == all_t.input_ids  # same sequence, one target
     assert [smol_tokenizer.decode(all_t.input_ids[s:e]).strip() for s, e in all_t.target_spans[:3]] == [
-        ex.output for ex in [task.train[i] for i in SequenceBuilder(task, smol_tokenizer, f, 1024).order(__import__("random").Random("sst2:0"))[:3]]
+        ex.output for ex in [task.train[i] for i in SequenceBuilder(task, smol_tokenizer, f, 1024).order(
+            __import__("random").Random("sst2:0"))[:3]]
     ]
 
 
@@ -172,3 +174,28 @@ def test_chat_template_mode(smol_tokenizer):
     check_invariants(smol_tokenizer, b, seq, [f.answer(task.train[i].output) for i in order[: seq.n_examples]])
     assert seq.text.startswith("<|im_start|>system") and seq.n_targets >= 5
     assert smol_tokenizer.decode(seq.input_ids[slice(*seq.target_spans[0])]).endswith("<|im_end|>\n")
+
+
+@pytest.mark.parametrize("text, budget", [
+    ("🇫🇫é🇷中🏽ॐ😀🇷中́文́́́字🏽👍🇫ॐ字🇫🇷中🇷🏽🇷ॐ", 25),
+    ("ñ́\u200dé文́ñॐ\u200d🇷́🏽😀\u200d́́👍́文字中́́字中́🇷🏽👍👍字ñ👍😀🇷🇫🇫́́🏽", 25),
+    ("́字字ॐ😀中字🇷👍字ñéॐ字👍🇫́👍中字文👍\u200d😀🏽🇷\u200d🏽🇷ॐ🇷文👍中👍🏽🇫👍ñ\u200d", 52),
+])
+def test_cutting_an_input_that_encodes_longer_once_cut_ends(llama_tokenizer, text, budget):
+    """Byte-fallback characters split by a cut re-encode longer than the tokens kept; cutting again must make
+    progress (it once looped forever on these inputs, found by test_builder_invariants)."""
+    import signal
+
+    def stuck(*_):
+        raise AssertionError("building the sequence did not end")
+
+    task = Task("t", "qa", [Example(text, "ok")], [Example("q", "ok")])
+    builder = SequenceBuilder(task, llama_tokenizer, Formatter.for_task(task, llama_tokenizer), budget, "many_shot_all")
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(20)
+    try:
+        seq = builder.build(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert seq.n_tokens <= budget and seq.n_truncated == 1

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from conftest import write_task
-from manyicl.errors import ManyICLError
 from manyicl.catalog import resolve_task
+from manyicl.errors import ManyICLError
 from manyicl.tasks import list_task_dirs, load_hf_task, load_task_dir, load_task_file
 
 GOOD = [{"input": "good film", "output": "positive"}, {"input": "bad film", "output": "negative"}]
@@ -29,7 +29,8 @@ def test_shared_data_layout(data_dir):
 def test_jsonl_csv_tsv_files(tmp_path):
     (tmp_path / "a.csv").write_text("text,label\n\"hi, there\",yes\nbye,no\n")
     (tmp_path / "a.tsv").write_text("text\tlabel\nhi\tyes\n")
-    t = load_task_file(tmp_path / "a.csv", "a", "classification", tmp_path / "a.tsv", input_field="text", output_field="label")
+    t = load_task_file(tmp_path / "a.csv", "a", "classification", tmp_path / "a.tsv", input_field="text",
+                       output_field="label")
     assert t.train[0].input == "hi, there" and t.test[0].output == "yes" and t.labels == ("no", "yes")
 
 
@@ -88,7 +89,8 @@ def test_task_yaml_not_valid_yaml_is_one_line(tmp_path):
 def test_choices_are_read_and_checked(data_dir, tmp_path):
     arc = load_task_dir(data_dir / "arc_challenge")
     assert all(len(ex.choices) >= 2 for ex in arc.train + arc.test)
-    d = write_task(tmp_path / "mc", [{"input": "q", "output": "A", "choices": ["x", 3]}], meta="family: multiple_choice\n")
+    d = write_task(tmp_path / "mc", [{"input": "q", "output": "A", "choices": ["x", 3]}],
+                   meta="family: multiple_choice\n")
     with pytest.raises(ManyICLError, match=r"train.jsonl:1: field 'choices' must be a list of strings"):
         load_task_dir(d)
 

@@ -13,9 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from manyicl.checkpoints import config_hash
 from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
-from manyicl.checkpoints import config_hash
 from manyicl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def run_script(code, **env):
 
 
 def losses(out):
-    return [json.loads(l)["loss"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 def adapter(out):
@@ -52,7 +52,7 @@ def test_outputs(reference_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     out = reference_run
-    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
     assert all(r["answers"] >= 1 and r["target_tokens"] >= r["answers"] and r["tokens"] > 0 for r in log)
     mixture = json.loads((out / "mixture.json").read_text())
@@ -100,7 +100,8 @@ KILL_DURING_SAVE = """
 """
 
 
-@pytest.mark.parametrize("script", [KILL_AT_STEP, KILL_DURING_SAVE], ids=["kill-after-step-5", "kill-while-saving-step-6"])
+@pytest.mark.parametrize("script", [KILL_AT_STEP, KILL_DURING_SAVE],
+                         ids=["kill-after-step-5", "kill-while-saving-step-6"])
 def test_sigkill_then_resume_matches_uninterrupted(reference_run, tiny_model_dir, data_dir, tmp_path, script):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny_model_dir, data_dir, out))
@@ -126,7 +127,8 @@ def test_gradient_checkpointing_same_run_and_memory_released(reference_run, tiny
     """Checkpointing changes memory, not the math; on CPU it also turns on release_freed_memory (memory.py)."""
     out = tmp_path / "ckpt"
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny_model_dir, data_dir, out, gradient_checkpointing=True))
-    proc = subprocess.run([sys.executable, "-m", "manyicl.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "manyicl.cli", "train", str(cfg)], capture_output=True, text=True,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "freed activations were returned to the OS" in proc.stdout
     assert json.loads((out / "train_summary.json").read_text())["released_freed_memory"] is True
@@ -145,12 +147,14 @@ MMAPPED_AFTER_FREE = """
     from manyicl.memory import release_freed_memory
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        _fields_ = [(n, ctypes.c_size_t)
+                    for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "release":
         assert release_freed_memory()
-    torch.empty(16 << 20, dtype=torch.uint8)  # allocating and freeing a 16 MB block raises glibc's dynamic mmap threshold
+    # allocating and freeing a 16 MB block raises glibc's dynamic mmap threshold
+    torch.empty(16 << 20, dtype=torch.uint8)
     before = libc.mallinfo2().hblkhd
     block = torch.ones(4 << 20, dtype=torch.uint8)
     print(libc.mallinfo2().hblkhd - before >= 4 << 20)  # is the 4 MB block mmap-ed (returned to the OS on free)?
@@ -160,7 +164,8 @@ MMAPPED_AFTER_FREE = """
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator")
 def test_release_freed_memory_mmaps_large_blocks():
     def mmapped(mode):
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MMAPPED_AFTER_FREE), mode], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MMAPPED_AFTER_FREE), mode], capture_output=True,
+                              text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 
@@ -174,8 +179,9 @@ def test_distributed_two_ranks(tiny_model_dir, data_dir, tmp_path):
     proc = subprocess.run(
         # accelerate 1.x: "--cpu --num_processes 2" starts ONE process unless MPI is set up; the torchrun-based
         # launcher starts two, and manyicl puts them on CPU (gloo) when there is no GPU.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "manyicl.cli", "train", str(cfg)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "manyicl.cli", "train",
+         str(cfg)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,6 +13,7 @@ import yaml
 from transformers import TrainerCallback
 
 from conftest import tiny_config, tiny_model
+from manyicl import train as train_module
 from manyicl.config import ExperimentConfig
 from manyicl.data import collate
 from manyicl.errors import ManyICLError
@@ -21,7 +22,6 @@ from manyicl.loss import supervised_count, target_only_loss
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation, unit_bounds
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
-from manyicl import train as train_module
 from manyicl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +73,14 @@ def test_gradient_does_not_depend_on_batch_layout(tiny_model_dir, data_dir, tmp_
                   callbacks=[GradientsAtFirstStep(tmp_path / f"{norm}-{layout}.pt")])
             grads[norm, layout] = torch.load(tmp_path / f"{norm}-{layout}.pt")
         config = tmp_path / f"{norm}-2ranks.yaml"
-        config.write_text(yaml.safe_dump(layout_config(tiny_model_dir, data_dir, tmp_path / f"{norm}-2ranks", norm, 2, 1)))
+        config.write_text(yaml.safe_dump(layout_config(tiny_model_dir, data_dir, tmp_path / f"{norm}-2ranks",
+                                                       norm, 2, 1)))
         ranks_args += [str(config), str(tmp_path / f"{norm}-2ranks.pt")]
     script = tmp_path / "two_ranks.py"
     script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(ROOT / "tests"))))
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
          "--num_processes", "2", "--mixed_precision", "no", str(script), *ranks_args],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
@@ -86,7 +88,8 @@ def test_gradient_does_not_depend_on_batch_layout(tiny_model_dir, data_dir, tmp_
     for norm in ("token", "target"):
         grads[norm, "2ranks"] = torch.load(tmp_path / f"{norm}-2ranks.pt")
         reference = grads[norm, "4x1"]
-        assert all(float(g.abs().max()) > 0 for n, g in reference.items() if "lora_B" in n)  # (B = 0 at init: A's grad is 0)
+        # (B = 0 at init: A's grad is 0)
+        assert all(float(g.abs().max()) > 0 for n, g in reference.items() if "lora_B" in n)
         logged = {layout: json.loads((tmp_path / f"{norm}-{layout}" / "train_log.jsonl").read_text().splitlines()[0])
                   for layout in ("4x1", "1x4", "2ranks")}
         for layout in ("1x4", "2ranks"):
@@ -142,7 +145,8 @@ class Bf16Probe(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
-        self.seen["optimizer_state"] = {t.dtype for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()}
+        self.seen["optimizer_state"] = {t.dtype for s in optimizer.state.values() for t in s.values()
+                                        if torch.is_tensor(t) and t.dim()}
 
 
 def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -151,7 +155,8 @@ def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tm
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # autocast runs on any CPU, only slower
     probe = Bf16Probe()
     out = tmp_path / "bf16"
-    result = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, precision="bf16")),
+    result = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2,
+                                                               precision="bf16")),
                    callbacks=[probe])
     assert result.precision == "bf16" and json.loads((out / "train_summary.json").read_text())["precision"] == "bf16"
     assert probe.seen["matmul"] == torch.bfloat16 and probe.seen["lora_sum"] == torch.float32
@@ -159,7 +164,8 @@ def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tm
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
-    fp32 = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, tmp_path / "fp32", max_steps=2, precision="fp32")))
+    fp32 = train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, tmp_path / "fp32", max_steps=2,
+                                                             precision="fp32")))
     assert fp32.precision == "fp32"
 
 
@@ -179,7 +185,9 @@ def test_bf16_lora_update_below_rounding_step_reaches_the_output():
         layer = model.base_model.model[0]
         with torch.no_grad():
             base = layer.base_layer(x)
-            layer.lora_B["default"].weight.fill_(1e-4 * base.abs().mean().item() / (layer.lora_A["default"](x).abs().mean().item() * layer.scaling["default"]))
+            layer.lora_B["default"].weight.fill_(1e-4 * base.abs().mean().item()
+                                                 / (layer.lora_A["default"](x).abs().mean().item()
+                                                    * layer.scaling["default"]))
         if widen:
             assert keep_lora_sums_fp32(model) == 1
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -329,7 +337,8 @@ def test_a_causal_mask_alone_lets_packed_units_see_each_other(llama_tokenizer, d
 
 def test_packing_refuses_models_it_cannot_isolate(llama_tokenizer):
     """Layers of several kinds with a window narrower than the row, or another attention implementation: one line."""
-    mixed = tiny_model(len(llama_tokenizer), arch="qwen2", sliding_window=16, use_sliding_window=True, max_window_layers=1)
+    mixed = tiny_model(len(llama_tokenizer), arch="qwen2", sliding_window=16, use_sliding_window=True,
+                       max_window_layers=1)
     with pytest.raises(ManyICLError, match=r"^training.pack: this model's layers attend in several ways"):
         packed_isolation(mixed, 512)
     assert packed_isolation(mixed, 16) == "mask"  # a row no longer than the window: every layer attends alike
@@ -345,7 +354,8 @@ ALLOCATOR_IN_COMPARE = """
     from manyicl.config import ExperimentConfig
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        _fields_ = [(n, ctypes.c_size_t)
+                    for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
 
@@ -370,7 +380,8 @@ ALLOCATOR_IN_COMPARE = """
 def test_compare_releases_freed_memory_while_training_only(tiny_model_dir, tmp_path):
     config = {
         "model": {"name": str(tiny_model_dir)},
-        "tasks": {"meta_train": [{"name": "sym_topic", "synthetic": True}], "held_out": [{"name": "key_lookup", "synthetic": True}]},
+        "tasks": {"meta_train": [{"name": "sym_topic", "synthetic": True}],
+                  "held_out": [{"name": "key_lookup", "synthetic": True}]},
         "training": {"max_tokens": 128, "max_steps": 1, "gradient_checkpointing": True, "lora": {"r": 4, "alpha": 8}},
         "evaluation": {"shots": [0], "seeds": [0], "max_queries": 4},
         "output_dir": str(tmp_path / "run"),
@@ -386,7 +397,8 @@ def test_compare_releases_freed_memory_while_training_only(tiny_model_dir, tmp_p
 def test_report_to_tensorboard_writes_event_files(tiny_model_dir, data_dir, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
-    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2, report_to="tensorboard")))
+    train(ExperimentConfig.model_validate(tiny_config(tiny_model_dir, data_dir, out, max_steps=2,
+                                                      report_to="tensorboard")))
     events = list((out / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from manyicl.curve_report import average_difference_at_last_k, curve_table
-from manyicl.files import save_figure
 from manyicl.evaluation.curves import CURVES_FILE, load_curves
+from manyicl.files import read_log, save_figure
+from manyicl.methods import METHODS, REFERENCE, SUBJECT, UNTUNED
 from manyicl.uncertainty import Estimate, significant
 
 BUDGETS_DIR = "budgets"
-SUBJECT = "manyicl"
-CURVE_BASELINES = ("base", "many_shot_last_ft")  # the learning-curve differences the budget table reports
+BASELINES = tuple(name for name, m in METHODS.items() if m.role == "baseline")  # compared with the subject
 
 
 def budget_dirs(run_dir: Path) -> dict[int, Path]:
@@ -36,7 +36,7 @@ def trained_tokens(run_dir: Path, method: str, step: int | None = None) -> int |
     log = run_dir / "train" / method / "train_log.jsonl"
     if not log.exists():
         return None
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_log(log)
     return sum(r.get("tokens") or 0 for r in records if step is None or r["step"] <= step)
 
 
@@ -48,8 +48,8 @@ def budget_sections(run_dir: Path, cells: dict, methods: list[str], tasks: list[
     dirs = budget_dirs(run_dir)
     if not dirs or not tasks:
         return [], []
-    trained = [m for m in methods if (run_dir / "train" / m / "train_log.jsonl").exists() and m != "task_level"]
-    base_cells = {k: c for k, c in cells.items() if k[0] == "base"}
+    trained = [m for m in methods if (run_dir / "train" / m / "train_log.jsonl").exists() and m != REFERENCE]
+    base_cells = {k: c for k, c in cells.items() if k[0] == UNTUNED}
     points: dict[int, dict] = {}  # step -> that budget's cells, with base's (the same prompts)
     for step, d in dirs.items():
         results = json.loads((d / "results.json").read_text(encoding="utf-8"))
@@ -58,11 +58,11 @@ def budget_sections(run_dir: Path, cells: dict, methods: list[str], tasks: list[
         points[final_step] = cells
     steps = sorted(points)
     averages = {(m, s): report._average(points[s], m, tasks, shots) for m in trained for s in steps}
-    base = report._average(cells, "base", tasks, shots)
+    base = report._average(cells, UNTUNED, tasks, shots)
     lines = [f"## Training budget: the held-out average against training tokens ({shots} shots)", "",
-             f"Each mixture fine-tune evaluated from its checkpoints at steps {', '.join(map(str, steps))} (the last: the "
-             f"final model), on the same {len(tasks)} held-out tasks, queries and demonstrations; mean with its 95 % "
-             f"interval. {_schedule_note(run_dir)} base (0 tokens): " + report._fmt(base) + ".", "",
+             f"Each mixture fine-tune evaluated from its checkpoints at steps {', '.join(map(str, steps))} "
+             f"(the last: the final model), on the same {len(tasks)} held-out tasks, queries and demonstrations; "
+             f"mean with its 95 % interval. {_schedule_note(run_dir)} base (0 tokens): " + report._fmt(base) + ".", "",
              "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
     for m in trained:
         lines.append(f"| {m} | " + " | ".join(report._fmt(averages[m, s]) for s in steps) + " |")
@@ -71,7 +71,7 @@ def budget_sections(run_dir: Path, cells: dict, methods: list[str], tasks: list[
     for m in trained:
         lines.append(f"| {m} | " + " | ".join(f"{trained_tokens(run_dir, m, s) or 0:,}" for s in steps) + " |")
     if SUBJECT in trained:
-        rivals = ["base"] + [m for m in trained if m != SUBJECT]
+        rivals = [UNTUNED] + [m for m in trained if m != SUBJECT]
         table = [(m, s, report._paired_over(points[s], SUBJECT, m, tasks, shots)) for m in rivals for s in steps]
         marks = iter(significant([c.p_value for *_, c in table if c is not None]))
         found = {(m, s): (c, c is not None and next(marks)) for m, s, c in table}
@@ -99,14 +99,14 @@ def _schedule_note(run_dir: Path) -> str:
 
 
 def _curve_differences(run_dir: Path, dirs: dict[int, Path], final_step: int | None, steps: list[int]) -> list[str]:
-    """manyicl − base and − many_shot_last_ft on the learning curves at each held-out task's last k, per budget."""
+    """The subject − each baseline on the learning curves at each held-out task's last k, per budget."""
     main = load_curves(run_dir / CURVES_FILE)
-    base = [r for r in main if r["method"] == "base"]
+    base = [r for r in main if r["method"] == UNTUNED]
     tables = {s: curve_table(base + load_curves(d / CURVES_FILE)) for s, d in dirs.items()}
     if final_step is not None:
         tables[final_step] = curve_table(main)
     rows = []
-    for m in CURVE_BASELINES:
+    for m in BASELINES:
         cols = []
         for s in steps:
             curves = tables.get(s, {})
@@ -114,7 +114,8 @@ def _curve_differences(run_dir: Path, dirs: dict[int, Path], final_step: int | N
             e = average_difference_at_last_k(curves, SUBJECT, m, held) if held else None
             cols.append("—" if e is None else f"{e.value:+.3f} [{e.low:+.3f}, {e.high:+.3f}]")
         rows.append(f"| {m} | " + " | ".join(cols) + " |")
-    if all(row.count("—") == len(steps) for row in rows):
+    rows = [row for row in rows if row.count("—") < len(steps)]  # baselines this run did not measure: no row
+    if not rows:
         return []
     return ["", f"In-context learning curves at each budget: {SUBJECT} − method in NLL per answer token at each "
             "held-out task's last k, averaged over the tasks, paired by sequence (negative: "
@@ -138,7 +139,7 @@ def _budget_plot(run_dir: Path, methods: list[str], steps: list[int], averages: 
         ax.plot(xs, [e.value for _, e in points], marker="o", color=f"C{i + 1}", label=m)
         ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=f"C{i + 1}", alpha=0.15)
     if base is not None:
-        ax.axhline(base.value, color="C0", linestyle=":", label="base")
+        ax.axhline(base.value, color="C0", linestyle=":", label=UNTUNED)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel(f"held-out average at {shots} shots (95 % band)")
     ax.set_title("Held-out average against training budget")

@@ -42,7 +42,8 @@ def resolve_task(ref: Any, data_dir: str | None = None, max_train: int | None = 
                 ref.answers_field, template=ref.template, **extra,
             )
         elif data_dir is not None:
-            task = load_task_dir(Path(data_dir) / ref.name, name=ref.name, family=ref.family, template=ref.template, **extra)
+            task = load_task_dir(Path(data_dir) / ref.name, name=ref.name, family=ref.family,
+                                 template=ref.template, **extra)
         else:
             raise ManyICLError(f"task {ref.name!r}: give a path, a dataset, synthetic: true, or set tasks.data_dir")
     if max_train is not None:
@@ -68,14 +69,16 @@ def check_split(config: ExperimentConfig) -> None:
     held_out = [task_name(r) for r in config.tasks.held_out]
     stray = [t for t in config.tasks.distance if t not in held_out]
     if stray:
-        raise ManyICLError(f"tasks.distance: {stray[0]!r} is not a held-out task; list it under tasks.held_out or drop it")
+        raise ManyICLError(f"tasks.distance: {stray[0]!r} is not a held-out task; list it under tasks.held_out "
+                           "or drop it")
     if config.tasks.distance and len(config.tasks.distance) < len(held_out):
         missing = next(t for t in held_out if t not in config.tasks.distance)
-        raise ManyICLError(f"tasks.distance: held-out task {missing!r} has no label; say near or far for every held-out task")
+        raise ManyICLError(f"tasks.distance: held-out task {missing!r} has no label; say near or far for every "
+                           "held-out task")
     outside = [t for t in (task_name(r) for r in config.tasks.in_distribution) if t not in train]
     if outside:
-        raise ManyICLError(f"tasks.in_distribution: {outside[0]!r} is not in tasks.meta_train; in-distribution tasks are "
-                           f"mixture tasks (their test splits show what each fine-tune learned)")
+        raise ManyICLError(f"tasks.in_distribution: {outside[0]!r} is not in tasks.meta_train; in-distribution "
+                           f"tasks are mixture tasks (their test splits show what each fine-tune learned)")
     held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
     both = sorted(set(train) & set(held))
     if both and not config.tasks.allow_overlap:

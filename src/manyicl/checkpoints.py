@@ -26,7 +26,8 @@ def config_hash(config: ExperimentConfig) -> str:
     data.get("training", {}).pop("precision", None)
     for key in ("output_dir", "evaluation", "compare", "name"):
         data.pop(key, None)
-    for key in ("held_out", "forgetting", "in_distribution", "distance"):  # what is evaluated afterwards, not trained on
+    # what is evaluated afterwards, not trained on
+    for key in ("held_out", "forgetting", "in_distribution", "distance"):
         data.get("tasks", {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -69,7 +70,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
     except (OSError, ValueError):
         raise ManyICLError(f"{checkpoint}: corrupt checkpoint marker; delete the folder or use --overwrite") from None
     if marker.get("config") != chash:
-        raise ManyICLError(f"{checkpoint}: made with a different config (model/tasks/training); use --overwrite or the original config")
+        raise ManyICLError(f"{checkpoint}: made with a different config (model/tasks/training); use --overwrite or "
+                           "the original config")
     check_readable(checkpoint)
     return checkpoint
 
@@ -80,8 +82,8 @@ def check_precision(checkpoint: Path, precision: str) -> None:
     recorded are not checked."""
     started = json.loads((checkpoint / CHECKPOINT_MARKER).read_text()).get("precision")
     if started is not None and started != precision:
-        raise ManyICLError(f"{checkpoint}: trained in {started}, but this run resolves training.precision to {precision}; "
-                           f"set training.precision: {started} to resume it, or use --overwrite")
+        raise ManyICLError(f"{checkpoint}: trained in {started}, but this run resolves training.precision to "
+                           f"{precision}; set training.precision: {started} to resume it, or use --overwrite")
 
 
 def check_readable(checkpoint: Path) -> None:
@@ -98,7 +100,8 @@ def check_readable(checkpoint: Path) -> None:
             if not (checkpoint / name).exists():
                 raise OSError(f"{name} is missing")
     except Exception as e:  # safetensors, json and OS errors all mean the same thing here
-        raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it is corrupt ({str(e).splitlines()[0][:160]}); "
+        raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it is corrupt "
+                           f"({str(e).splitlines()[0][:160]}); "
                            f"delete it to resume from an earlier one, or use --overwrite") from None
 
 

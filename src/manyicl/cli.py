@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from manyicl.errors import ManyICLError
-from manyicl.files import os_error_message
 from manyicl.families import SCORINGS
+from manyicl.files import os_error_message
 
 
 class Terminated(KeyboardInterrupt):
@@ -63,7 +63,8 @@ def main() -> None:
 
 @main.command("show-sequence")
 @click.option("--data", "data", required=True, type=click.Path(), help="One task directory (train.jsonl, task.yaml).")
-@click.option("--objective", default="many_shot_all", show_default=True, help="zero_shot | few_shot | many_shot_last | many_shot_all")
+@click.option("--objective", default="many_shot_all", show_default=True,
+              help="zero_shot | few_shot | many_shot_last | many_shot_all")
 @click.option("--max-tokens", default=1024, show_default=True, type=int, help="Token budget of the sequence.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model whose tokenizer is used.")
@@ -106,14 +107,17 @@ def show_sequence(data, objective, max_tokens, seed, model, n_shots, chat, fmt) 
 
 
 _set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. training.max_tokens=2048."
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config key, e.g. training.max_tokens=2048."
 )
 
 
 @main.command()
 @click.argument("config", type=click.Path())
 @_set_option
-@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in output_dir (a run stopped before its first one starts again).")
+@click.option("--resume", is_flag=True,
+              help="Continue from the last complete checkpoint in output_dir (a run stopped before its first one "
+                   "starts again).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in output_dir.")
 @_friendly
 def train(config, overrides, resume, overwrite) -> None:
@@ -128,29 +132,33 @@ def train(config, overrides, resume, overwrite) -> None:
             click.echo(f"  {name:<24} weight {m['weight']:.3f}  sequences {m['sequences']:>5} (quota {m['quota']})  "
                        f"supervised answers {m['answers']:>7}")
         if result.released_freed_memory:
-            click.echo("CPU: freed activations were returned to the OS (lower peak memory, slower steps; see training.release_freed_memory)")
-        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.precision}); weights in {result.weights_dir}")
+            click.echo("CPU: freed activations were returned to the OS (lower peak memory, slower steps; "
+                       "see training.release_freed_memory)")
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.precision}); "
+                   f"weights in {result.weights_dir}")
 
 
 @main.command("eval")
 @click.argument("config", type=click.Path())
 @_set_option
 @click.option("--adapter", default=None, help="PEFT adapter to evaluate (default: model.adapter of the config).")
-@click.option("--method", default=None, help="Name of this model in results.json (default: base, or finetuned with an adapter).")
+@click.option("--method", default=None,
+              help="Name of this model in results.json (default: base, or finetuned with an adapter).")
 @click.option("--no-prefix-cache", is_flag=True, help="Naive path: re-encode the demonstrations for every query.")
 @_friendly
 def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> None:
     """Evaluate held-out (and forgetting) tasks over the shot sweep, with the shared-prefix cache."""
+    from manyicl.catalog import evaluation_tasks
     from manyicl.config import load_config
     from manyicl.evaluation import run_evaluation
+    from manyicl.methods import UNTUNED
     from manyicl.report import summary_table
-    from manyicl.catalog import evaluation_tasks
 
     cfg = load_config(config, list(overrides) + (["evaluation.prefix_cache=false"] if no_prefix_cache else []))
     adapter = adapter or cfg.model.adapter
     if not cfg.tasks.held_out and not cfg.tasks.forgetting:
         raise ManyICLError("tasks.held_out: nothing to evaluate; list held-out (or forgetting) tasks")
-    results = run_evaluation(cfg, evaluation_tasks(cfg), method or ("finetuned" if adapter else "base"), adapter)
+    results = run_evaluation(cfg, evaluation_tasks(cfg), method or ("finetuned" if adapter else UNTUNED), adapter)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank returns the merged results
         click.echo(summary_table(results, cfg.output_dir))
         click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")
@@ -163,7 +171,8 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
 @click.option("--inputs", required=True, type=click.Path(), help="Queries: JSONL/CSV/TSV with input (output optional).")
 @click.option("--shots", default="max", show_default=True, help="Number of demonstrations, or max (as many as fit).")
 @click.option("--output", required=True, type=click.Path(), help="JSONL: one line per input, in input order.")
-@click.option("--family", default="classification", show_default=True, help="Scoring: label families rank labels, others generate.")
+@click.option("--family", default="classification", show_default=True,
+              help="Scoring: label families rank labels, others generate.")
 @click.option("--labels", default=None, help="Comma-separated label set (default: the demonstrations' outputs).")
 @click.option("--max-tokens", default=2048, show_default=True, type=int, help="Context budget.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -172,7 +181,8 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
 @click.option("--balance-labels/--no-balance-labels", default=True, show_default=True,
               help="Label-set families: as many demonstrations of each label as fit, in one random order.")
 @_friendly
-def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed, scoring, balance_labels) -> None:
+def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed, scoring,
+            balance_labels) -> None:
     """Solve a new task by many-shot prompting: demonstrations from one file, answers for another."""
     from manyicl.predict import DEFAULTS, predict_file
 

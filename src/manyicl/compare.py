@@ -23,15 +23,15 @@ from typing import Any
 import click
 
 from manyicl.budget_report import BUDGETS_DIR  # budgets/step-<N>/: the checkpoints' results
+from manyicl.catalog import check_split, evaluation_tasks, task_name
 from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import run_evaluation
 from manyicl.evaluation.runner import check_contexts
-from manyicl.report import summary_table
 from manyicl.files import clear_folder, write_atomic
-from manyicl.runlock import LOCK_NAME, run_lock
-from manyicl.catalog import check_split, evaluation_tasks, task_name
 from manyicl.methods import METHODS, MIXTURE_METHODS
+from manyicl.report import summary_table
+from manyicl.runlock import LOCK_NAME, run_lock
 from manyicl.sequences import OBJECTIVES
 
 # Keys whose change invalidates finished stages; adding methods, held-out tasks, shots or seeds does not. The
@@ -98,7 +98,8 @@ def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
 def with_shared_precision(config: ExperimentConfig, out: Path) -> ExperimentConfig:
     """A method's training config with ``auto`` pinned to the precision of the run's finished fine-tunes."""
     precision = trained_precision(out, config)
-    if precision is None or config.training.precision != "auto" or (Path(config.output_dir) / "train_summary.json").exists():
+    if (precision is None or config.training.precision != "auto"
+            or (Path(config.output_dir) / "train_summary.json").exists()):
         return config
     click.echo(f"training.precision auto: {precision}, as the finished fine-tunes of {out} were trained")
     return config.model_copy(update={"training": config.training.model_copy(update={"precision": precision})})
@@ -107,10 +108,10 @@ def with_shared_precision(config: ExperimentConfig, out: Path) -> ExperimentConf
 def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = None) -> ExperimentConfig:
     """The training config of one fine-tuned method: the shared budget with that method's objective."""
     data = config.model_dump(mode="json")
-    data["output_dir"] = str(out / "train" / method if task is None else out / "train" / "task_level" / task_name(task))
+    data["output_dir"] = str(out / "train" / method if task is None else out / "train" / method / task_name(task))
     tr = data["training"]
     tr["objective"] = METHODS[method].objective
-    if method == "task_level":
+    if METHODS[method].training == "per_task":
         data["tasks"]["meta_train"] = [task]
         data["tasks"].update(held_out=[], forgetting=[], in_distribution=[], distance={})
         tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
@@ -148,7 +149,8 @@ def budget_steps(config: ExperimentConfig) -> list[int]:
         step = round(b * tr.max_steps)
         if step < 1 or step % tr.save_steps:
             raise ManyICLError(f"compare.budgets: {b} of {tr.max_steps} steps is step {step}, where no checkpoint is "
-                               f"saved (training.save_steps: {tr.save_steps}); choose budgets at multiples of save_steps")
+                               f"saved (training.save_steps: {tr.save_steps}); choose budgets at multiples of "
+                               "save_steps")
         steps.append(step)
     return steps
 
@@ -187,7 +189,8 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
     check_split(config)
     steps = budget_steps(config) if any(m in MIXTURE_METHODS for m in methods) else []
     if not train_only:
-        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots, *config.compare.budget_shots])
+        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots,
+                                *config.compare.budget_shots])
     out = Path(config.output_dir)
     with run_lock(out):  # one process per run folder
         return _run_methods(config, methods, out, overwrite, train_only, steps)
@@ -204,14 +207,15 @@ def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwr
 
     for method in methods:
         click.echo(f"== {method}")
-        if method == "base":
+        training = METHODS[method].training
+        if training == "none":
             if not train_only:
-                run_evaluation(config, tasks, "base", None, out)
-        elif method == "task_level":
+                run_evaluation(config, tasks, method, None, out)
+        elif training == "per_task":
             for ref, (task, role) in zip(config.tasks.held_out, held):
-                adapter = train_stage(with_shared_precision(method_config(config, "task_level", out, ref), out))
+                adapter = train_stage(with_shared_precision(method_config(config, method, out, ref), out))
                 if not train_only:
-                    run_evaluation(config, [(task, role)], "task_level", str(adapter), out,
+                    run_evaluation(config, [(task, role)], method, str(adapter), out,
                                    shots=config.compare.task_level_shots)
         else:
             adapter = train_stage(with_shared_precision(method_config(config, method, out), out))
@@ -221,8 +225,12 @@ def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwr
     if train_only:
         return None
 
-    from manyicl.report import write_report
+    from manyicl.model_card import card_from_run
+    from manyicl.report import method_summaries, write_report
 
     report = write_report(out)
+    for method, lines in method_summaries(out).items():  # each fine-tune's model card gets its evaluation
+        if method in MIXTURE_METHODS:
+            card_from_run(out / "train" / method, lines)
     click.echo(summary_table(json.loads((out / "results.json").read_text()), out))
     return report

@@ -10,11 +10,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from manyicl.errors import ManyICLError
-from manyicl.formatter import Formatter
 from manyicl.families import FAMILIES, SCORINGS
+from manyicl.formatter import Formatter
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
 from manyicl.sequences import OBJECTIVES
@@ -99,7 +108,8 @@ class FormatConfig(Strict):
 
     def formatter(self, task: Any, tokenizer: Any) -> Formatter:
         """The one formatter of a task under this config: training sequences and evaluation prompts alike."""
-        return Formatter.for_task(task, tokenizer, chat=self.chat, multiple_choice=self.multiple_choice, **self.template)
+        return Formatter.for_task(task, tokenizer, chat=self.chat, multiple_choice=self.multiple_choice,
+                                  **self.template)
 
 
 class LoraSettings(Strict):
@@ -157,7 +167,8 @@ class EvaluationConfig(Strict):
     learning_curve: bool = False
     curve_sequences: int = Field(20, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])  # demonstration draws per (task, shots)
-    max_queries: int | None = Field(200, gt=0)  # test queries per cell (None: all); a 0/1 metric's interval is ±0.07 at 200
+    # test queries per cell (None: all); a 0/1 metric's interval is ±0.07 at 200
+    max_queries: int | None = Field(200, gt=0)
     max_tokens: int | None = Field(None, gt=0)  # context budget; default: training.max_tokens
     # label-set families: as many demonstrations of each label as fit (the remainder on random labels), laid out in
     # one random order; false: an i.i.d. sample of the train split

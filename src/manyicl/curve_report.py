@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from manyicl.files import save_figure
 from manyicl.evaluation.curves import CURVES_FILE, load_curves
-from manyicl.methods import METHODS
+from manyicl.files import save_figure
+from manyicl.methods import METHODS, SUBJECT
 from manyicl.uncertainty import RESAMPLES, Estimate, interval_of
 
-SUBJECT = "manyicl"
 TABLE_KS = (1, 4, 16, 64)
 
 
@@ -134,7 +133,7 @@ def curve_sections(curves: dict[tuple[str, str], Curve]) -> list[str]:
         if not tasks:
             continue
         lines += [f"### {title}", "", "| task | method | " + " | ".join(f"k={k}" for k in TABLE_KS) + " | last k | "
-                  f"Δ at last k |", "|---|---|" + "---:|" * (len(TABLE_KS) + 2)]
+                  "Δ at last k |", "|---|---|" + "---:|" * (len(TABLE_KS) + 2)]
         for t in tasks:
             for m in methods:
                 c = curves.get((m, t))

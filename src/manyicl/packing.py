@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from manyicl.errors import ManyICLError
-from manyicl.models import text_config, windowed_attention
+from manyicl.models import sdpa_replaced, text_config, windowed_attention
 
 ATTENTION_NAME = "manyicl_packed_sdpa"
 
@@ -53,7 +53,8 @@ def packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     rows = []
     for row in range(query.shape[0]):
         pieces = [
-            F.scaled_dot_product_attention(query[row : row + 1, :, s:e], key[row : row + 1, :, s:e], value[row : row + 1, :, s:e],
+            F.scaled_dot_product_attention(query[row : row + 1, :, s:e], key[row : row + 1, :, s:e],
+                                           value[row : row + 1, :, s:e],
                                            dropout_p=dropout, is_causal=True, scale=scaling)
             for s, e in unit_bounds(position_ids[row if position_ids.shape[0] > 1 else 0])
         ]
@@ -91,8 +92,9 @@ def packed_isolation(model: Any, max_tokens: int) -> str:
     if implementation == "sdpa" and windowed_attention(model, max_tokens) is None:
         return "per_unit"
     if implementation not in ("sdpa", "eager"):
-        raise ManyICLError(f"training.pack: packed units are isolated only with sdpa or eager attention, and this model "
-                           f"uses {implementation}; set training.pack=false or load the model with sdpa attention")
+        raise ManyICLError(f"training.pack: packed units are isolated only with sdpa or eager attention, "
+                           f"and this model uses {implementation}; set training.pack=false or load the model "
+                           "with sdpa attention")
     mask_window(model, max_tokens)  # raises where one mask cannot serve every layer
     return "mask"
 
@@ -131,16 +133,5 @@ def packed_attention(model: Any, max_tokens: int) -> Iterator[bool]:
     if packed_isolation(model, max_tokens) != "per_unit":
         yield False
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(ATTENTION_NAME, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)
-    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
-    for config in configs:
-        config._attn_implementation = ATTENTION_NAME
-    try:
-        yield True
-    finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
+    with sdpa_replaced(model, ATTENTION_NAME, packed_sdpa_attention, _no_mask) as replaced:
+        yield replaced

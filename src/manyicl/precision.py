@@ -43,7 +43,8 @@ def keep_lora_sums_fp32(model: Any) -> int:
     casts back to bf16 as autocast does anyway. Returns how many layers were changed."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+    layers = [m for m in model.modules()
+              if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
     for layer in layers:
         layer.base_layer.register_forward_hook(_widen_bf16)
     return len(layers)
@@ -66,8 +67,8 @@ def resolve_precision(requested: str, weights_dtype: Any = None) -> str:
     if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ManyICLError("training.precision=bf16: this GPU has no bfloat16 support; use fp32 (or auto)")
     if requested == "bf16" and not cuda and not cpu_has_fast_bf16():
-        raise ManyICLError("training.precision=bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be slower "
-                           "than fp32; use fp32 (or auto)")
+        raise ManyICLError("training.precision=bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be "
+                           "slower than fp32; use fp32 (or auto)")
     return requested
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from manyicl.config import EvaluationConfig
 from manyicl.errors import ManyICLError
 from manyicl.evaluation import Prompter, evaluate_cell, hf_backend
+from manyicl.families import FAMILIES
 from manyicl.files import check_output_file, write_atomic
 from manyicl.formatter import Formatter
 from manyicl.models import check_adapter, for_inference, load_model, load_tokenizer
-from manyicl.families import FAMILIES
 from manyicl.tasks import Task, answer_labels, read_examples
 
 DEFAULTS = EvaluationConfig()  # predict uses evaluation's defaults
@@ -35,7 +35,7 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         raise ManyICLError(f"{demos_path}: no demonstrations")
     if not queries:
         raise ManyICLError(f"{inputs_path}: no inputs")
-    label_set = [l.strip() for l in labels.split(",") if l.strip()] if labels else None
+    label_set = [part.strip() for part in labels.split(",") if part.strip()] if labels else None
     if label_set and FAMILIES[family].label_set:
         for ex in demos + [q for q in queries if q.output]:
             for label in answer_labels(ex, family):
@@ -62,5 +62,6 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
         summary = (f"{task.metric} {result.metrics['value']:.3f} [95% CI {result.ci_low:.3f}, {result.ci_high:.3f}] on "
                    f"{len(queries)} inputs ({result.skipped} too long, scored wrong), {result.shots} demonstrations")
         if result.prediction_counts:
-            summary += f"; predictions {result.prediction_counts}" + (" — ONE LABEL TAKES >= 90 %" if result.collapsed else "")
+            summary += (f"; predictions {result.prediction_counts}"
+                        + (" — ONE LABEL TAKES >= 90 %" if result.collapsed else ""))
     return len(lines), summary

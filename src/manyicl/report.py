@@ -15,9 +15,9 @@ import numpy as np
 
 from manyicl.budget_report import budget_sections
 from manyicl.curve_report import curve_plot, curve_sections, load_curve_table
-from manyicl.files import save_figure, write_atomic
 from manyicl.errors import ManyICLError
-from manyicl.methods import METHODS
+from manyicl.files import read_log, save_figure, write_atomic
+from manyicl.methods import METHODS, REFERENCE, SUBJECT, UNTUNED
 from manyicl.metrics import METRICS
 from manyicl.uncertainty import Estimate, average_interval, interval_of, paired_average, replicates, significant
 
@@ -77,12 +77,12 @@ def _fmt(e: Estimate | None) -> str:
     return f"{e.value:.3f}" if np.isnan(e.low) else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
 
 
-def _fmt_difference(c: Any | None, significant: bool = False, p_value: bool = False) -> str:
+def _fmt_difference(c: Any | None, bold: bool = False, p_value: bool = False) -> str:
     """A paired difference with its interval (and p), **bold** when significant; "–" without one."""
     if c is None:
         return "–"
     text = f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]" + (f" p={c.p_value:.3f}" if p_value else "")
-    return f"**{text}**" if significant else text
+    return f"**{text}**" if bold else text
 
 
 def summary_table(results: list[dict], run_dir: str | Path) -> str:
@@ -94,10 +94,12 @@ def summary_table(results: list[dict], run_dir: str | Path) -> str:
         rs = cell.records
         per_query = sum(r["seconds"] for r in rs) / max(sum(r["n"] for r in rs), 1)
         flag = " ⚠" if any(r.get("collapsed") for r in rs) else ""
-        lines.append(f"{method:<18} {task:<22} {k:>6} {cell.shots:>5} {rs[0]['metric']:<14} {_fmt(cell.estimate()):>24} "
-                     f"{rs[0]['n']:>5} {len(rs):>5} {sum(r.get('skipped', 0) for r in rs):>4} {per_query:>8.3f}{flag}")
+        lines.append(f"{method:<18} {task:<22} {k:>6} {cell.shots:>5} {rs[0]['metric']:<14} "
+                     f"{_fmt(cell.estimate()):>24} {rs[0]['n']:>5} {len(rs):>5} "
+                     f"{sum(r.get('skipped', 0) for r in rs):>4} {per_query:>8.3f}{flag}")
     if any(r.get("collapsed") for r in results):
-        lines.append("⚠ one label takes >= 90 % of the predictions in a seed of this cell (its histogram is in results.json)")
+        lines.append("⚠ one label takes >= 90 % of the predictions in a seed of this cell "
+                     "(its histogram is in results.json)")
     return "\n".join(lines)
 
 
@@ -123,7 +125,7 @@ def _distances(run_dir: Path) -> dict[str, str]:
     return dict(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("tasks") or {}).get("distance") or {})
 
 
-def _groups(tasks: list[str], distance: dict[str, str]) -> list[tuple[str, list[str]]]:
+def _averaged_groups(tasks: list[str], distance: dict[str, str]) -> list[tuple[str, list[str]]]:
     """The averages every table reports: all held-out tasks, then near and far where the config labels them."""
     groups = [("average", tasks)]
     for kind in ("near", "far"):
@@ -135,7 +137,7 @@ def _groups(tasks: list[str], distance: dict[str, str]) -> list[tuple[str, list[
 
 def cell_at(cells: dict, method: str, task: str, shots: str) -> Cell | None:
     # task_level is a zero-shot model: its reference value is at 0 shots when it was evaluated there
-    if method == "task_level" and (method, task, "0") in cells:
+    if method == REFERENCE and (method, task, "0") in cells:
         return cells[method, task, "0"]
     return cells.get((method, task, shots))
 
@@ -163,7 +165,7 @@ def write_report(run_dir: str | Path) -> Path:
     in_distribution = sorted({r["task"] for r in results if r.get("role") == "in_distribution"})
     shots = headline_shots(results) if held else "0"
     distance = _distances(run_dir)
-    groups = _groups(held, distance)
+    groups = _averaged_groups(held, distance)
     comparisons = paired_comparisons(cells, methods, held, shots, groups) if held else []
     gaps = gap_closed(cells, held, shots, groups) if held else []
     lines = [f"# ManyICL comparison: {run_dir.name}", ""]
@@ -189,12 +191,34 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _flagged(results)
     curves = _training_curves(run_dir)
     lines += curves[0]
-    plots = _plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir, learning_curves) + budget_plots + curves[1]
+    plots = (_plots(run_dir, cells, methods, held, shots) + curve_plot(run_dir, learning_curves) + budget_plots
+             + curves[1])
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in plots] + [""]
-    lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under `predictions/`.", ""]
+    lines += ["All records: [results.json](results.json); predictions and per-query rows per cell under "
+              "`predictions/`.", ""]
     report = run_dir / "report.md"
     write_atomic(report, "\n".join(lines))
     return report
+
+
+def method_summaries(run_dir: Path) -> dict[str, list[str]]:
+    """Per method, the markdown a model card shows: the held-out tasks at the headline shot count with 95 %
+    intervals, and their average, from the run's results.json."""
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    held = sorted({r["task"] for r in results if r.get("role", "held_out") == "held_out"})
+    if not held:
+        return {}
+    cells, shots = load_cells(run_dir, results), headline_shots(results)
+    summaries = {}
+    for m in _methods(results):
+        rows = [(t, cell_at(cells, m, t, shots)) for t in held]
+        lines = [f"Held-out tasks (never trained on) at {shots} shots, from `manyicl compare` ({run_dir.name}); "
+                 "mean over demonstration seeds with its 95 % interval:", "", "| task | metric | value |",
+                 "|---|---|---:|"]
+        lines += [f"| {t} | {c.first['metric']} | {_fmt(c.estimate())} |" for t, c in rows if c]
+        lines += [f"| **average** | | **{_fmt(_average(cells, m, held, shots))}** |"]
+        summaries[m] = lines
+    return summaries
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -220,12 +244,14 @@ def _final_step(run_dir: Path) -> int | None:
 def _setup_lines(run_dir: Path, results: list[dict], methods: list[str]) -> list[str]:
     queries = sorted({r["n"] for r in results})
     skipped = sum(r.get("skipped", 0) for r in results)
-    lines = [f"Model: `{results[0]['model']}`. Demonstration seeds: {sorted({r['seed'] for r in results})}. Queries per "
-             f"cell: {', '.join(map(str, queries))}. Context budget at evaluation: {results[0].get('max_tokens')} tokens. "
-             f"Label candidates ranked by: {', '.join(sorted({r['scoring'] for r in results if r.get('scoring')})) or '–'}. "
+    lines = [f"Model: `{results[0]['model']}`. Demonstration seeds: {sorted({r['seed'] for r in results})}. "
+             f"Queries per cell: {', '.join(map(str, queries))}. "
+             f"Context budget at evaluation: {results[0].get('max_tokens')} tokens. "
+             "Label candidates ranked by: "
+             f"{', '.join(sorted({r['scoring'] for r in results if r.get('scoring')})) or '–'}. "
              f"Queries too long for the context (scored as wrong, kept in every denominator): {skipped}.", "",
-             "Every value is the mean over demonstration seeds with its 95 % interval [low, high] (bootstrap over seeds "
-             "and queries). ⚠ marks a cell where one label took ≥ 90 % of the predictions in some seed.", ""]
+             "Every value is the mean over demonstration seeds with its 95 % interval [low, high] (bootstrap over "
+             "seeds and queries). ⚠ marks a cell where one label took ≥ 90 % of the predictions in some seed.", ""]
     if max(queries) < 200 or len({r["seed"] for r in results}) < 3:
         lines += ["This run uses fewer queries or demonstration seeds than the defaults (200 queries, 3 seeds) where "
                   "its test splits have more: its intervals are wider than a full run's.", ""]
@@ -237,12 +263,13 @@ def _setup_lines(run_dir: Path, results: list[dict], methods: list[str]) -> list
             counts = json.loads(mixture.read_text())
             s = json.loads(summary.read_text())
             never = [t for t, c in counts.items() if not c["sequences"]]
-            trained = f"{len(counts) - len(never)} of {len(counts)}" + (f" (none of {', '.join(never)})" if never else "")
+            trained = (f"{len(counts) - len(never)} of {len(counts)}"
+                       + (f" (none of {', '.join(never)})" if never else ""))
             rows.append(f"| {m} | {s['steps']} | {sum(c['sequences'] for c in counts.values())} | {trained} | "
                         f"{sum(c['answers'] for c in counts.values())} | {s['seconds']:.0f} |")
     if rows:
-        lines += ["Training budget (identical steps, sequence length and batch for every fine-tuned method; mixture tasks "
-                  "drawn: how many of the listed tasks got at least one sequence):", "",
+        lines += ["Training budget (identical steps, sequence length and batch for every fine-tuned method; "
+                  "mixture tasks drawn: how many of the listed tasks got at least one sequence):", "",
                   "| method | steps | sequences | mixture tasks drawn | supervised answers seen | train seconds |",
                   "|---|---:|---:|---|---:|---:|", *rows, ""]
     return lines
@@ -264,7 +291,8 @@ def _main_table(cells: dict, methods: list[str], tasks: list[str], shots: str, d
             for c in row) + " |")
     groups = sorted(by_family.items())
     if len(by_family) > 1:
-        groups += [(name.replace("average", "held-out"), members) for name, members in _groups(tasks, distance)]
+        groups += [(name.replace("average", "held-out"), members)
+                   for name, members in _averaged_groups(tasks, distance)]
     for name, members in groups:
         lines.append(f"| **{name} average** | | | " + " | ".join(f"**{_fmt(_average(cells, m, members, shots))}**"
                                                                for m in methods) + " |")
@@ -298,16 +326,16 @@ def paired_comparisons(cells: dict, methods: list[str], tasks: list[str], shots:
     """manyicl − every other method, per task and on the averages (all held-out tasks, and near/far where labelled),
     on the same queries and seeds: (method, task or group name, Comparison, significant after Benjamini-Hochberg
     over all of them)."""
-    if "manyicl" not in methods:
+    if SUBJECT not in methods:
         return []
     table: list[tuple[str, str, Any]] = []
-    for m in (m for m in methods if m != "manyicl"):
+    for m in (m for m in methods if m != SUBJECT):
         for t in tasks:
-            c = _paired_over(cells, "manyicl", m, [t], shots)
+            c = _paired_over(cells, SUBJECT, m, [t], shots)
             if c is not None:
                 table.append((m, t, c))
         for name, members in groups or [("average", tasks)]:
-            c = _paired_over(cells, "manyicl", m, members, shots) if len(tasks) > 1 else None
+            c = _paired_over(cells, SUBJECT, m, members, shots) if len(tasks) > 1 else None
             if c is not None:
                 table.append((m, name, c))
     marks = significant([c.p_value for _, _, c in table])
@@ -331,8 +359,8 @@ def _ordering(cells: dict, methods: list[str], tasks: list[str], shots: str) -> 
         chain += (" > " if marks.get((a, b)) else " ≈ ") + b
     lines = [f"## Method ordering (average over the {len(tasks)} held-out tasks, {shots} shots)", "",
              f"{chain}   (> : the neighbours differ significantly; ≈ : they cannot be told apart here)", "",
-             "Every pair, higher-ranked − lower-ranked, paired on the same queries and seeds (95 % interval, p; **bold** "
-             "= significant after Benjamini-Hochberg over these pairs):", "",
+             "Every pair, higher-ranked − lower-ranked, paired on the same queries and seeds (95 % interval, p; "
+             "**bold** = significant after Benjamini-Hochberg over these pairs):", "",
              "| method | average | " + " | ".join(ranked[1:]) + " |", "|---|---:|" + "---:|" * (len(ranked) - 1)]
     found = {(a, b): c for a, b, c in pairs}
     for a in ranked:
@@ -358,7 +386,7 @@ def _shot_scaling(cells: dict, methods: list[str], tasks: list[str], results: li
              "this column.", "",
              "| method | " + " | ".join(requested) + f" | {shots} − 0 |", "|---|" + "---:|" * (len(requested) + 1)]
     rows = [(m, [_average(cells, m, tasks, k) for k in requested], _paired_over(cells, m, m, tasks, shots, "0"))
-            for m in methods if m != "task_level"]
+            for m in methods if m != REFERENCE]
     marks = iter(significant([d.p_value for *_, d in rows if d is not None]))
     for m, estimates, d in rows:
         diff = _fmt_difference(d, d is not None and next(marks))
@@ -378,10 +406,11 @@ def _longer_contexts(cells: dict, methods: list[str], tasks: list[str], results:
              "Average over the held-out tasks (mean demonstrations used in brackets); difference = longer − "
              f"{shots}, paired on the same queries and seeds (**bold**: significant after Benjamini-Hochberg over this "
              "table).", "",
-             f"| method | {shots} | " + " | ".join(longer) + " | " + " | ".join(f"{k} − {shots}" for k in longer) + " |",
+             (f"| method | {shots} | " + " | ".join(longer) + " | "
+              + " | ".join(f"{k} − {shots}" for k in longer) + " |"),
              "|---|---:|" + "---:|" * (2 * len(longer))]
     rows = []
-    for m in (m for m in methods if m != "task_level"):
+    for m in (m for m in methods if m != REFERENCE):
         estimates = [_average(cells, m, tasks, k) for k in [shots] + longer]
         used = [np.mean([cells[m, t, k].shots for t in tasks if (m, t, k) in cells] or [0]) for k in [shots] + longer]
         rows.append((m, estimates, used, [_paired_over(cells, m, m, tasks, k, shots) for k in longer]))
@@ -398,9 +427,9 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
               groups: list[tuple[str, list[str]]] = (), gaps: list[tuple] = ()) -> list[str]:
     """What the run found, in two sentences: ManyICL's held-out average, which methods it beats, trails or cannot
     be told from (paired tests), and how much of the gap to the dedicated fine-tune it closes."""
-    if "manyicl" not in methods or not tasks:
+    if SUBJECT not in methods or not tasks:
         return []
-    average = _average(cells, "manyicl", tasks, shots)
+    average = _average(cells, SUBJECT, tasks, shots)
     scope = "average" if len(tasks) > 1 else tasks[0]
     verdicts: dict[str, list[str]] = {"better than": [], "worse than": [], "not distinguishable from": []}
     for m, t, c, mark in comparisons:
@@ -408,7 +437,7 @@ def _findings(cells: dict, methods: list[str], tasks: list[str], shots: str, com
             kind = "not distinguishable from" if not mark else ("better than" if c.difference > 0 else "worse than")
             verdicts[kind].append(f"{m} ({c.difference:+.3f})")
     said = "; ".join(f"{kind} {', '.join(ms)}" for kind, ms in verdicts.items() if ms)
-    group_averages = [(name, members, _average(cells, "manyicl", members, shots)) for name, members in groups
+    group_averages = [(name, members, _average(cells, SUBJECT, members, shots)) for name, members in groups
                       if name != "average"]  # one bootstrap per group
     parts = [f"{len(members)} {name.split()[0]}: {_fmt(e)}" for name, members, e in group_averages if e]
     first = (f"On {len(tasks)} held-out task{'s' if len(tasks) > 1 else ''} at {shots} shots ManyICL scores "
@@ -431,7 +460,7 @@ def _comparisons(comparisons: list, methods: list[str], tasks: list[str], shots:
              "Difference manyicl − method with its 95 % paired-bootstrap interval; **bold** = significant after "
              "Benjamini-Hochberg over this table (q < 0.05); otherwise the two are not distinguishable here.", "",
              "| method | " + " | ".join(tasks + names) + " |", "|---|" + "---:|" * (len(tasks) + len(names))]
-    for m in (m for m in methods if m != "manyicl"):
+    for m in (m for m in methods if m != SUBJECT):
         row = []
         for t in tasks + names:
             hit = [(c, mark) for mm, tt, c, mark in comparisons if mm == m and tt == t]
@@ -449,7 +478,7 @@ def _gap_draws(cells: dict, task: str, shots: str, rng: np.random.Generator
     """base, manyicl and task_level on one task: their estimates and (RESAMPLES, 3) bootstrap replicates drawing
     the same queries for the three (base and manyicl paired seed by seed, task_level's one 0-shot cell repeated
     for each seed); None without the three cells, no replicates without per-query rows."""
-    b, m, tl = (cell_at(cells, x, task, shots) for x in ("base", "manyicl", "task_level"))
+    b, m, tl = (cell_at(cells, x, task, shots) for x in (UNTUNED, SUBJECT, REFERENCE))
     if not (b and m and tl):
         return None
     estimates = [c.estimate() for c in (b, m, tl)]
@@ -524,7 +553,8 @@ class VersusBase:
 
 
 FORGETTING = VersusBase("Forgetting (benchmarks outside the mixture", "drop", -1, "before (base) | after")
-IN_DISTRIBUTION = VersusBase("In distribution (the mixture's own tasks, their test splits", "gain", +1, "base | fine-tuned")
+IN_DISTRIBUTION = VersusBase("In distribution (the mixture's own tasks, their test splits", "gain", +1,
+                             "base | fine-tuned")
 
 
 def _versus_base_table(cells: dict, methods: list[str], tasks: list[str], shots: str, kind: VersusBase) -> list[str]:
@@ -535,22 +565,18 @@ def _versus_base_table(cells: dict, methods: list[str], tasks: list[str], shots:
              f"| task | method | {kind.values} | {kind.column} |", "|---|---|---:|---:|---:|"]
     entries = []
     for t in tasks:
-        base = cells.get(("base", t, shots))
+        base = cells.get((UNTUNED, t, shots))
         for m in methods:
             cell = cells.get((m, t, shots))
-            if m == "base" or cell is None:
+            if m == UNTUNED or cell is None:
                 continue
-            entries.append((t, m, base, cell, _paired_over(cells, *(("base", m) if kind.sign < 0 else (m, "base")),
+            entries.append((t, m, base, cell, _paired_over(cells, *((UNTUNED, m) if kind.sign < 0 else (m, UNTUNED)),
                                                             [t], shots)))
     marks = iter(significant([d.p_value for *_, d in entries if d is not None]))
     for t, m, base, cell, drop in entries:
         text = _fmt_difference(drop, drop is not None and next(marks))
         lines.append(f"| {t} | {m} | {_fmt(base.estimate() if base else None)} | {_fmt(cell.estimate())} | {text} |")
     return lines + [""]
-
-
-def _read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _tasks_learned(log: list[dict]) -> str:
@@ -566,7 +592,7 @@ def _tasks_learned(log: list[dict]) -> str:
 def _training_curves(run_dir: Path) -> tuple[list[str], list[Path]]:
     """Every fine-tune's loss by step (plot) and, per run, its steps and the loss at the start and the end (mean of
     the first and the last tenth of the steps): whether a fine-tune learned, and whether it had converged."""
-    logs = {p.parent.relative_to(run_dir / "train").as_posix(): _read_log(p)
+    logs = {p.parent.relative_to(run_dir / "train").as_posix(): read_log(p)
             for p in sorted((run_dir / "train").glob("**/train_log.jsonl"))}
     logs = {name: log for name, log in logs.items() if log}
     if not logs:
@@ -577,13 +603,13 @@ def _training_curves(run_dir: Path) -> tuple[list[str], list[Path]]:
     import matplotlib.pyplot as plt
 
     lines = ["## Training curves", "",
-             "Loss of each fine-tune (its objective's supervised tokens); start/end = mean over the first/last tenth of "
-             "its steps. Tasks learned: on how many of the mixture's tasks with at least 2 steps the loss of the steps that "
-             "trained on that task alone fell from the first half of those steps to the second (one task per step: the tasks differ in "
-             "loss more than the steps do, so the mean curve alone cannot tell).", "",
+             "Loss of each fine-tune (its objective's supervised tokens); start/end = mean over the first/last tenth "
+             "of its steps. Tasks learned: on how many of the mixture's tasks with at least 2 steps the loss of the "
+             "steps that trained on that task alone fell from the first half of those steps to the second (one task "
+             "per step: the tasks differ in loss more than the steps do, so the mean curve alone cannot tell).", "",
              "| fine-tune | steps | loss at start | loss at end | tasks learned |", "|---|---:|---:|---:|---:|"]
-    groups = {"mixture": {n: g for n, g in logs.items() if not n.startswith("task_level/")},
-              "task_level": {n.split("/", 1)[1]: g for n, g in logs.items() if n.startswith("task_level/")}}
+    groups = {"mixture": {n: g for n, g in logs.items() if not n.startswith(f"{REFERENCE}/")},
+              REFERENCE: {n.split("/", 1)[1]: g for n, g in logs.items() if n.startswith(f"{REFERENCE}/")}}
     groups = {k: v for k, v in groups.items() if v}
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.6), squeeze=False)
     for ax, (group, runs) in zip(axes.flat, groups.items()):
@@ -623,10 +649,11 @@ def _flagged(results: list[dict]) -> list[str]:
     for t in sorted({r["task"] for r in flagged}):
         lines.append(f"| {t} | " + " | ".join(f"{collapsed[t, m]} of {evaluations[t, m]}" if evaluations[t, m] else "–"
                                                for m in methods) + " |")
-    lines += ["", "| method | task | shots | seed | predictions | golds | demonstrations |", "|---|---|---:|---:|---|---|---|"]
+    lines += ["", "| method | task | shots | seed | predictions | golds | demonstrations |",
+              "|---|---|---:|---:|---|---|---|"]
     for r in flagged:
-        lines.append(f"| {r['method']} | {r['task']} | {r['shots_requested']} | {r['seed']} | {r['prediction_counts']} | "
-                     f"{r['gold_counts']} | {r.get('demo_labels', {})} |")
+        lines.append(f"| {r['method']} | {r['task']} | {r['shots_requested']} | {r['seed']} | "
+                     f"{r['prediction_counts']} | {r['gold_counts']} | {r.get('demo_labels', {})} |")
     return lines + [""]
 
 
@@ -645,12 +672,12 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     # one colour per method in every panel, and one legend for the figure: a panel may lack a method (a partial run)
-    colours = {m: f"C{i}" for i, m in enumerate(m for m in methods if m != "task_level")} | {"task_level": "red"}
+    colours = {m: f"C{i}" for i, m in enumerate(m for m in methods if m != REFERENCE)} | {REFERENCE: "red"}
     handles = {}
     for ax, t in zip(axes.flat, tasks):
         first = next(c for (_, tt, _), c in cells.items() if tt == t).first
         for m in methods:
-            if m == "task_level" and (m, t, "0") in cells:
+            if m == REFERENCE and (m, t, "0") in cells:
                 e = cells[m, t, "0"].estimate()
                 handles[m] = ax.axhline(e.value, color=colours[m], linestyle=":", label=m)
                 if not np.isnan(e.low):
@@ -686,7 +713,8 @@ def _plots(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], sho
     for i, m in enumerate(methods):
         estimates = [_average(cells, m, members, shots) for members in families.values()]
         heights = [e.value if e else np.nan for e in estimates]  # no bar where a method lacks a task of the family
-        errors = [[e.value - e.low if e else 0.0 for e in estimates], [e.high - e.value if e else 0.0 for e in estimates]]
+        errors = [[e.value - e.low if e else 0.0 for e in estimates],
+                  [e.high - e.value if e else 0.0 for e in estimates]]
         ax.bar([j + i * width for j in range(len(families))], heights, width, yerr=errors, capsize=2, label=m)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], list(families))
     ax.set_ylabel("mean primary metric (95 % interval)")

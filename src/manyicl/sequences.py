@@ -17,7 +17,8 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence as Seq
+from typing import Any
+from typing import Sequence as Seq
 
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
@@ -118,7 +119,8 @@ def tokenize_spans(
         if strict and (starts[first] < s or ends[last - 1] > e):
             raise ManyICLError(
                 f"tokenizer merges across an answer boundary at characters {s}-{e} "
-                f"({text[max(0, s - 10):s]!r}|{text[s:s + 10]!r}); change template.output_prefix/answer_prefix/delimiter"
+                f"({text[max(0, s - 10):s]!r}|{text[s:s + 10]!r}); "
+                "change template.output_prefix/answer_prefix/delimiter"
             )
         token_spans.append((first + len(lead), last + len(lead)))
     return list(lead) + ids, token_spans
@@ -190,15 +192,23 @@ class SequenceBuilder:
         """As many of these train examples as fit the budget, whole; one that alone overflows has its input cut."""
         kept = self.take_fitting(indices, self.max_tokens - self._overhead)
         n_truncated = 0
+        first = self.task.train[indices[0]]
         if not kept:  # the first example alone does not fit: shorten its input, never its answer
-            kept, n_truncated = [self.shorten(self.task.train[indices[0]])], 1
+            kept, n_truncated = [self.shorten(first)], 1
+        slack = 0
         while True:
             seq = self._tokenize(kept, n_truncated)
             if seq.n_tokens <= self.max_tokens:
                 return seq
-            if len(kept) == 1:  # estimate was off for a single cut example: cut a little more
-                kept = [self.shorten(kept[0], slack=seq.n_tokens - self.max_tokens + 1)]
-                n_truncated = 1
+            if len(kept) == 1:  # estimate was off for a single example: cut its input more
+                # from the original input, by a slack that grows every time: a cut text can encode longer than its
+                # tokens (a byte-fallback character split in two), and cutting the cut text again by the same
+                # amount could then repeat forever
+                if not kept[0].input:  # nothing left to cut: the answer alone overflows
+                    raise ManyICLError(f"max_tokens={self.max_tokens} is smaller than one example's answer "
+                                       f"({first.source or self.task.name}); raise max_tokens")
+                slack += seq.n_tokens - self.max_tokens
+                kept, n_truncated = [self.shorten(first, slack=slack)], 1
             else:  # boundary merges made the whole text longer than the sum of its parts
                 kept = kept[:-1]
 
@@ -207,13 +217,13 @@ class SequenceBuilder:
 
     def shorten(self, ex: Example, slack: int = 0) -> Example:
         fixed = self._overhead + self._example_cost(Example("", ex.output, choices=ex.choices))
-        room = self.max_tokens - fixed - slack
-        if room < 0 or (room == 0 and ex.input):
+        if self.max_tokens - fixed < 0 or (self.max_tokens == fixed and ex.input):
             where = f" ({ex.source})" if ex.source else ""
             raise ManyICLError(
                 f"max_tokens={self.max_tokens} is smaller than one example's answer{where}: it needs {fixed} tokens "
                 f"without its input; raise max_tokens"
             )
+        room = max(self.max_tokens - fixed - slack, 0)  # at worst the input goes, and the answer alone fits
         ids = self.tokenizer(ex.input, add_special_tokens=False)["input_ids"][:room]
         return Example(self.tokenizer.decode(ids).strip(), ex.output, ex.answers, ex.source, ex.choices)
 
@@ -223,7 +233,8 @@ class SequenceBuilder:
         if not self.spec.supervise_all:
             spans = spans[-1:]  # loss on the last answer only
         n_demos = len(examples) if self.spec.supervise_all else len(examples) - 1
-        return Sequence(ids, _labels_for(ids, spans), spans, len(examples), n_demos, n_truncated, None, self.task.name, rendered.text)
+        return Sequence(ids, _labels_for(ids, spans), spans, len(examples), n_demos, n_truncated, None, self.task.name,
+                        rendered.text)
 
     def build_packed(self, seed: int) -> Sequence:
         """Isolated units (one example for zero_shot, demonstrations + query for few_shot) packed up to the budget.

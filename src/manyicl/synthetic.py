@@ -175,7 +175,7 @@ def arithmetic_choice(trng):
         options = sorted(options)
         r.shuffle(options)
         letters = "ABC"
-        text = f"Question: {a} + {b} = ?\n" + "\n".join(f"{l}. {o}" for l, o in zip(letters, options))
+        text = f"Question: {a} + {b} = ?\n" + "\n".join(f"{letter}. {o}" for letter, o in zip(letters, options))
         return text, letters[options.index(a + b)]
 
     return "multiple_choice", make, ["A", "B", "C"]
@@ -241,7 +241,8 @@ TEST_SIZE = {"world_capitals": 35}
 
 
 def make_task(name: str, seed: int = 0, n_train: int = 400, n_test: int = 100) -> Task:
-    """A synthetic task; the same (name, seed) always gives the same examples, distinct inputs, train and test disjoint."""
+    """A synthetic task; the same (name, seed) always gives the same examples, distinct inputs, train and test
+    disjoint."""
     if name not in GENERATORS:
         raise ManyICLError(f"synthetic task {name!r} does not exist; available: {', '.join(GENERATORS)}")
     family, make, labels = GENERATORS[name](random.Random(f"{name}:{seed}:task"))

@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from manyicl.errors import ManyICLError
-from manyicl.families import FAMILIES, MULTILABEL_SEPARATOR
+from manyicl.families import FAMILIES
 from manyicl.metrics import METRICS
+
 
 @dataclass(frozen=True)
 class Example:
@@ -125,7 +126,7 @@ def take_fitting(indices: Iterable[int], cost: Callable[[int], int], budget: int
 
 def answer_labels(example: Example, family: str) -> list[str]:
     """The labels an answer names: one, or each of a multilabel list."""
-    return example.output.split(MULTILABEL_SEPARATOR) if family == "multilabel" else [example.output]
+    return FAMILIES[family].labels_of(example.output)
 
 
 def check_labels(examples: Iterable[Example], labels: tuple[str, ...], family: str, where: str) -> None:
@@ -140,9 +141,7 @@ def check_labels(examples: Iterable[Example], labels: tuple[str, ...], family: s
 
 
 def derive_labels(examples: Iterable[Example], family: str) -> tuple[str, ...]:
-    if family == "multilabel":
-        return tuple(sorted({lab for ex in examples for lab in ex.output.split(MULTILABEL_SEPARATOR)}))
-    return tuple(sorted({ex.output for ex in examples}))
+    return tuple(sorted({label for ex in examples for label in FAMILIES[family].labels_of(ex.output)}))
 
 
 # ---------------------------------------------------------------- reading records
@@ -168,7 +167,8 @@ def _record_to_example(
     values = {output_field: ""}
     for name in (input_field, output_field) if require_output else (input_field,):
         if name not in record:
-            raise ManyICLError(f"{where}: missing field {name!r}; every record needs {input_field!r} and {output_field!r}")
+            raise ManyICLError(f"{where}: missing field {name!r}; every record needs {input_field!r} and "
+                               f"{output_field!r}")
         value = record[name]
         if not isinstance(value, str):
             raise ManyICLError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
@@ -187,7 +187,8 @@ def _record_to_example(
                    tuple(c.strip() for c in choices))
 
 
-def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers", require_output=True) -> list[Example]:
+def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers",
+               require_output=True) -> list[Example]:
     text = _read_text(path)
     examples = []
     # Split on "\n" only: str.splitlines() would also split inside records at U+0085 (see shared/data/MANIFEST.md).
@@ -197,18 +198,22 @@ def read_jsonl(path: Path, input_field="input", output_field="output", answers_f
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ManyICLError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field, require_output))
+            raise ManyICLError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                               "each line must be one JSON object") from None
+        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field,
+                                           require_output))
     return examples
 
 
-def read_delimited(path: Path, delimiter: str, input_field="input", output_field="output", require_output=True) -> list[Example]:
+def read_delimited(path: Path, delimiter: str, input_field="input", output_field="output",
+                   require_output=True) -> list[Example]:
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     required = (input_field, output_field) if require_output else (input_field,)
     missing = [f for f in required if f not in (reader.fieldnames or [])]
     if missing:
-        raise ManyICLError(f"{path}:1: header has no column {missing[0]!r}; set input_field/output_field to one of {reader.fieldnames}")
+        raise ManyICLError(f"{path}:1: header has no column {missing[0]!r}; set input_field/output_field to one of "
+                           f"{reader.fieldnames}")
     examples = []
     for row in reader:
         where = f"{path}:{reader.line_num}"

@@ -28,20 +28,26 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from manyicl.catalog import check_split, load_tasks
-from manyicl.checkpoints import (CHECKPOINT_MARKER, TASK_COUNTS, check_precision, config_hash, prepare_output_dir,
-                                 truncate_log)
+from manyicl.checkpoints import (
+    CHECKPOINT_MARKER,
+    TASK_COUNTS,
+    check_precision,
+    config_hash,
+    prepare_output_dir,
+    truncate_log,
+)
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
 from manyicl.errors import Interrupted, ManyICLError
-from manyicl.files import atomic_path, disk_full, fsync_folder, with_path, write_atomic
+from manyicl.files import atomic_path, disk_full, fsync_folder, read_log, with_path, write_atomic
 from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
+from manyicl.model_card import write_model_card
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation
+from manyicl.precision import keep_lora_sums_fp32, measure_cpu_precision, needs_measurement, resolve_precision
 from manyicl.runlock import run_lock
 from manyicl.stopping import StopOnSignal
-from manyicl.precision import keep_lora_sums_fp32, measure_cpu_precision, needs_measurement, resolve_precision
-
 
 # ---------------------------------------------------------------- the trainer
 
@@ -114,7 +120,8 @@ class ManyICLTrainer(Trainer):
         if self.args.should_save:
             fsync_folder(folder)  # the marker goes last, once everything before it is on disk
             write_atomic(folder / TASK_COUNTS, json.dumps(counts))
-            write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step, "config": self.config_hash,
+            write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": self.state.global_step,
+                                                                  "config": self.config_hash,
                                                                   "precision": self.precision}))
         if self.args.world_size > 1:
             torch.distributed.barrier()
@@ -131,7 +138,8 @@ class TrainLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
         self.last = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -158,7 +166,8 @@ class TrainLog(TrainerCallback):
             raise with_path(e, self.path) from e
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{(record['tokens'] or 0) / max(record['seconds'], 1e-9):.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                 tok_s=f"{(record['tokens'] or 0) / max(record['seconds'], 1e-9):.0f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -207,7 +216,8 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         return _train(config, resume, overwrite, callbacks)
 
 
-def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: Sequence[TrainerCallback]) -> TrainResult:
+def _train(config: ExperimentConfig, resume: bool, overwrite: bool,
+           callbacks: Sequence[TrainerCallback]) -> TrainResult:
     tr = config.training
     out = Path(config.output_dir)
     chash = config_hash(config)
@@ -227,7 +237,8 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: S
     weights = mixture_weights(tasks, tr.mixture_temperature, tr.mixture_cap)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = tr.batch_size * tr.grad_accum * world
-    steps = tr.max_steps if tr.epochs is None else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap)
+    steps = (tr.max_steps if tr.epochs is None
+             else steps_for_epochs(tasks, builders, weights, tr.epochs, per_step, tr.mixture_cap))
     dataset = MixtureDataset(builders, weights, steps * per_step, tr.seed, tr.pack)
 
     # 3. the model, with LoRA or for full fine-tuning
@@ -236,7 +247,8 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: S
     model = load_model(config.model.name, config.model.trust_remote_code, dtype)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and tr.max_tokens > context:
-        raise ManyICLError(f"training.max_tokens={tr.max_tokens} exceeds the model's context length ({context}); lower it")
+        raise ManyICLError(f"training.max_tokens={tr.max_tokens} exceeds the model's context length ({context}); "
+                           "lower it")
     if tr.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -281,18 +293,21 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: S
         save_strategy="steps",
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
-        report_to=tr.report_to,  # TensorBoard: event files under <output_dir>/checkpoints/runs (or $TENSORBOARD_LOGGING_DIR)
+        # TensorBoard: event files under <output_dir>/checkpoints/runs (or $TENSORBOARD_LOGGING_DIR)
+        report_to=tr.report_to,
         remove_unused_columns=False,
         activation_checkpointing=tr.gradient_checkpointing,  # transformers 5 name for gradient checkpointing
         bf16=precision == "bf16",  # autocast; with fp32 weights the LoRA weights and optimizer state stay fp32
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also makes several CPU ranks use DDP over gloo (accelerate runs FSDP on GPUs only)
+        # also makes several CPU ranks use DDP over gloo (accelerate runs FSDP on GPUs only)
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
     trainer = ManyICLTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=lambda items: collate(items, tokenizer.pad_token_id),
+        model=model, args=args, train_dataset=dataset,
+        data_collator=lambda items: collate(items, tokenizer.pad_token_id),
         loss_normalization=tr.loss_normalization, task_names=dataset.names, config_hash=chash, precision=precision,
         packed_mask_tokens=tr.max_tokens if isolation == "mask" else None,
     )
@@ -324,15 +339,16 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: S
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except RuntimeError as e:
             if checkpoint is not None and ("size mismatch" in str(e) or "loading state_dict" in str(e)):
-                raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this model ({str(e).splitlines()[0][:160]})") from None
+                raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this model "
+                                   f"({str(e).splitlines()[0][:160]})") from None
             raise
         finally:
             log.close()
     seconds = time.perf_counter() - started
     if stop.received is not None:
         raise Interrupted(f"{out}: training stopped by {signal.Signals(stop.received).name} at step "
-                          f"{trainer.state.global_step} (checkpoint saved); run the same command with --resume to "
-                          "continue", stop.received)
+                          f"{trainer.state.global_step} (checkpoint saved); run the same command again to continue "
+                          "(manyicl train: with --resume)", stop.received)
 
     # 5. outputs: a standard PEFT adapter (or full checkpoint), the mixture statistics, the data shards; the weights
     # written beside their folder and renamed over it once complete
@@ -350,10 +366,12 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool, callbacks: S
             os.replace(staged, tmp)
         mixture = {n: {"weight": round(weights[n], 4), "quota": dataset.quotas[n], **counts[n]} for n in dataset.names}
         write_atomic(out / "mixture.json", json.dumps(mixture, indent=2))
-        write_atomic(out / "train_summary.json", json.dumps({
-            "steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir), "released_freed_memory": released,
-            "precision": precision, **({"precision_probe": asdict(probe)} if probe else {}),
-        }))
+        summary = {"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir),
+                   "released_freed_memory": released, "precision": precision,
+                   **({"precision_probe": asdict(probe)} if probe else {})}
+        tokens = sum(r.get("tokens") or 0 for r in read_log(out / "train_log.jsonl"))
+        write_model_card(weights_dir, config.model.name, tr.objective, tr.finetune, summary, mixture, tokens)
+        write_atomic(out / "train_summary.json", json.dumps(summary))  # last: the run is complete
     return TrainResult(out, weights_dir, steps, seconds, released, precision)
 
 
@@ -381,4 +399,5 @@ def _write_shard_record(out: Path, trainer: ManyICLTrainer, model: Any) -> None:
             digest.update(p.detach().float().cpu().numpy().tobytes())
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    write_atomic(shards / f"rank{rank}.json", json.dumps({"sequences": trainer.seen_sequences, "weights_sha256": digest.hexdigest()}))
+    write_atomic(shards / f"rank{rank}.json", json.dumps({"sequences": trainer.seen_sequences,
+                                                           "weights_sha256": digest.hexdigest()}))

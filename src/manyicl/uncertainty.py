@@ -40,8 +40,9 @@ def cell_interval(rows: np.ndarray, from_means: FromMeans, seed: int = 0) -> Est
     value = float(from_means(rows.mean(0)))
     if len(rows) < 2:
         return Estimate(value, value, value)
-    result = stats.bootstrap((np.arange(len(rows)),), _statistic(rows, from_means), vectorized=True, n_resamples=RESAMPLES,
-                             confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+    result = stats.bootstrap((np.arange(len(rows)),), _statistic(rows, from_means), vectorized=True,
+                             n_resamples=RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
+                             rng=np.random.default_rng(seed))
     return Estimate(value, float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
@@ -80,7 +81,8 @@ def _comparison(difference: float, draws: np.ndarray) -> Comparison:
     return Comparison(difference, *interval_of(draws), float(p))
 
 
-def paired_average(pairs: Sequence[tuple[np.ndarray, np.ndarray]], from_means: Sequence[FromMeans], seed: int = 0) -> Comparison:
+def paired_average(pairs: Sequence[tuple[np.ndarray, np.ndarray]], from_means: Sequence[FromMeans],
+                   seed: int = 0) -> Comparison:
     """The mean over tasks of (a - b), each task's queries resampled alike for a and b."""
     rng = np.random.default_rng(seed)
     per_task = [replicates([a, b], f, rng) for (a, b), f in zip(pairs, from_means)]

@@ -21,7 +21,8 @@ class Stop:
 
 
 class Backend(Protocol):
-    def score(self, prefix: list[int], queries: list[list[int]], candidates: list[list[list[int]]]) -> list[list[list[float]]]:
+    def score(self, prefix: list[int], queries: list[list[int]],
+              candidates: list[list[list[int]]]) -> list[list[list[float]]]:
         """For query q and candidate c: the log-probability of each token of ``candidates[q][c]``, predicted
         after ``prefix + queries[q]`` and the candidate's earlier tokens."""
         ...

@@ -134,7 +134,8 @@ class SharedPrefixBackend:
             self._store = InPlaceKV(config.num_hidden_layers)
             self._store.reserve(len(prefix) + self.batch_tokens)
             if prefix:
-                self.model(input_ids=torch.tensor([prefix], device=self.device), cache=self._store, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=torch.tensor([prefix], device=self.device), cache=self._store, use_cache=True,
+                           logits_to_keep=1)
             self._prefix = tuple(prefix)
         return self._store
 
@@ -153,7 +154,8 @@ class SharedPrefixBackend:
         return torch.log_softmax(out.logits[0].float(), -1)
 
     @torch.inference_mode()
-    def score(self, prefix: list[int], queries: list[list[int]], candidates: list[list[list[int]]]) -> list[list[list[float]]]:
+    def score(self, prefix: list[int], queries: list[list[int]],
+              candidates: list[list[list[int]]]) -> list[list[list[float]]]:
         results: list[list[list[float]]] = [[] for _ in queries]
         if not queries:
             return results
@@ -239,7 +241,8 @@ class NaiveBackend:
         return next(self.model.parameters()).device
 
     @torch.inference_mode()
-    def score(self, prefix: list[int], queries: list[list[int]], candidates: list[list[list[int]]]) -> list[list[list[float]]]:
+    def score(self, prefix: list[int], queries: list[list[int]],
+              candidates: list[list[list[int]]]) -> list[list[list[float]]]:
         results = []
         for query, cands in zip(queries, candidates):
             base = prefix + query
@@ -248,11 +251,13 @@ class NaiveBackend:
             for chunk in range(0, len(cands), per_forward):
                 group = cands[chunk : chunk + per_forward]
                 width = len(base) + max(len(c) for c in group)
-                ids = torch.tensor([base + c + [c[-1]] * (width - len(base) - len(c)) for c in group], device=self.device)
+                ids = torch.tensor([base + c + [c[-1]] * (width - len(base) - len(c)) for c in group],
+                                   device=self.device)
                 keep = torch.zeros_like(ids, dtype=torch.bool)
                 for k, c in enumerate(group):  # logits only where candidate tokens are predicted
                     keep[k, len(base) - 1 : len(base) - 1 + len(c)] = True
-                logp = torch.log_softmax(self.model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits.float(), -1)
+                logp = torch.log_softmax(self.model(input_ids=ids, logits_to_keep=keep,
+                                                    use_cache=False).logits.float(), -1)
                 pos = 0
                 for c in group:
                     scores.append([logp[pos + t, c[t]].item() for t in range(len(c))])
@@ -264,7 +269,8 @@ class NaiveBackend:
     def generate(self, prefix: list[int], queries: list[list[int]], stop: Stop) -> list[list[int]]:
         results = []
         for query in queries:
-            out = self.model(input_ids=torch.tensor([prefix + query], device=self.device), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([prefix + query], device=self.device), use_cache=True,
+                             logits_to_keep=1)
             generated: list[int] = []
             for step in range(stop.max_new_tokens):
                 token = int(out.logits[0, -1].argmax())

@@ -67,7 +67,7 @@ def _answer_logprob(token_logprobs: list[float], encoded: EncodedQuery, k: int) 
     return sum(token_logprobs[: encoded.answer_tokens[k]])
 
 
-def rank(backend: Backend, prompter: Prompter, prefix: list[int], context: str, queries: list[Example],
+def rank_candidates(backend: Backend, prompter: Prompter, prefix: list[int], context: str, queries: list[Example],
          encoded: list[EncodedQuery]) -> list[dict[str, dict[str, float]]]:
     """Every scoring of every candidate of every query, in one backend call (content-free queries included)."""
     # content-free queries once per distinct candidate list (one for a label set; per query for cloze choices)
@@ -75,7 +75,8 @@ def rank(backend: Backend, prompter: Prompter, prefix: list[int], context: str, 
     for q in queries:
         texts = tuple(prompter.candidates(q)[1])
         if texts not in free:
-            free[texts] = [prompter.encode_query(context, Example(x, "", choices=q.choices)) for x in CONTENT_FREE_INPUTS]
+            free[texts] = [prompter.encode_query(context, Example(x, "", choices=q.choices))
+                           for x in CONTENT_FREE_INPUTS]
     extra = [e for group in free.values() for e in group]
     logps = backend.score(prefix, [e.ids for e in encoded + extra], [e.candidates for e in encoded + extra])
     free_logps = iter(logps[len(encoded):])
@@ -108,18 +109,21 @@ def evaluate_cell(backend: Backend, prompter: Prompter, demos: list[Example], qu
     kept = [i for i, e in enumerate(encoded) if len(prefix) + prompter.query_budget(e) <= prompter.max_tokens]
     predictions = [Prediction(q.input, "", q.golds, skipped=True) for q in queries]
     if prompter.ranked:
-        scored = rank(backend, prompter, prefix, context, [queries[i] for i in kept], [encoded[i] for i in kept])
+        scored = rank_candidates(backend, prompter, prefix, context, [queries[i] for i in kept],
+                                 [encoded[i] for i in kept])
         for i, scores in zip(kept, scored):
             chosen = scores[scoring]
             predictions[i] = Prediction(queries[i].input, max(chosen, key=chosen.__getitem__), queries[i].golds, scores)
     else:
         generated = backend.generate(prefix, [encoded[i].ids for i in kept], stop_for(prompter))
         for i, ids in zip(kept, generated):
-            text = prompter.family.postprocess(prompter.formatter.strip_answer(prompter.tokenizer.decode(ids)), prompter.labels)
+            text = prompter.family.postprocess(prompter.formatter.strip_answer(prompter.tokenizer.decode(ids)),
+                                               prompter.labels)
             predictions[i] = Prediction(queries[i].input, text, queries[i].golds)
     skipped = len(queries) - len(kept)
     if skipped:
-        warnings.warn(f"{task.name}: {skipped} queries too long for {prompter.max_tokens} tokens: scored as wrong", stacklevel=2)
+        warnings.warn(f"{task.name}: {skipped} queries too long for {prompter.max_tokens} tokens: scored as wrong",
+                      stacklevel=2)
     texts, golds = [p.prediction for p in predictions], [p.golds for p in predictions]
     output = CellOutput(len(demos), len(prefix), predictions, 0.0, skipped, answer_form=prompter.answer_form)
     if queries:

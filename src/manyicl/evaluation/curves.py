@@ -35,7 +35,8 @@ CURVES_FILE = "curves.json"
 def curve_sequences(task: Task, tokenizer: Any, formatter: Any, max_tokens: int, n_sequences: int) -> list[Sequence]:
     """``n_sequences`` many_shot_all sequences of the task's test examples, each filling ``max_tokens``."""
     if not task.test:
-        raise ManyICLError(f"task {task.name}: no test examples to build learning-curve sequences from; add a test.jsonl")
+        raise ManyICLError(f"task {task.name}: no test examples to build learning-curve sequences from; "
+                           "add a test.jsonl")
     test_only = replace(task, train=list(task.test), test=[])
     builder = SequenceBuilder(test_only, tokenizer, formatter, max_tokens, "many_shot_all")
     return [builder.build(seed) for seed in range(n_sequences)]
@@ -59,7 +60,8 @@ def answer_losses(model: Any, seq: Sequence) -> tuple[list[float], list[int]]:
         logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
     else:
         logits = model(input_ids=ids, use_cache=False).logits[keep]
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:][keep[:, :-1]], reduction="none")
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:][keep[:, :-1]],
+                             reduction="none")
     sizes = [e - s for s, e in seq.target_spans]
     return [float(part.sum()) for part in torch.split(losses, sizes)], sizes
 
@@ -88,7 +90,8 @@ def run_curves(tasks: list[tuple[Task, str]], out: Path, method: str, model_name
     done = {_record_key(r) for r in records}
 
     def missing(task: Task) -> list[int]:
-        return [s for s in range(n_sequences) if curve_key(method, model_name, adapter, task.name, s, max_tokens) not in done]
+        return [s for s in range(n_sequences)
+                if curve_key(method, model_name, adapter, task.name, s, max_tokens) not in done]
 
     todo = [(task, role) for task, role in tasks if missing(task)]
     if not todo:
@@ -102,7 +105,8 @@ def run_curves(tasks: list[tuple[Task, str]], out: Path, method: str, model_name
             records.append({
                 "method": method, "model": model_name, "adapter": adapter, "task": task.name, "role": role,
                 "family": task.family, "seed": seed, "max_tokens": max_tokens, "n_tokens": seq.n_tokens,
-                "ids_sha256": ids_digest(seq.input_ids), "answer_nll": [round(x, 5) for x in nll], "answer_tokens": tokens,
+                "ids_sha256": ids_digest(seq.input_ids), "answer_nll": [round(x, 5) for x in nll],
+                "answer_tokens": tokens,
             })
         write_atomic(path, json.dumps(records, indent=1))
     return records

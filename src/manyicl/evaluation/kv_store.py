@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from manyicl.models import sdpa_replaced
+
 ATTENTION_NAME = "manyicl_sdpa"
 
 
@@ -106,25 +108,10 @@ def gqa_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, gqa_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-
-
 @contextmanager
 def gqa_attention(model: Any) -> Iterator[None]:
     """Run an SDPA model with :func:`gqa_sdpa_attention` for the duration of the block (other kinds unchanged)."""
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
-    if before != "sdpa":
+    from transformers.masking_utils import sdpa_mask
+
+    with sdpa_replaced(model, ATTENTION_NAME, gqa_sdpa_attention, sdpa_mask):
         yield
-        return
-    _register()
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = before

@@ -43,13 +43,15 @@ def shot_budget(shots: int | str, max_tokens: int) -> tuple[int | str, int]:
 
 def check_shots(task: Task, shots: int | str) -> None:
     if isinstance(shots, int) and shots > len(task.train):
-        raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split ({len(task.train)} examples); lower it")
+        raise ManyICLError(f"task {task.name}: shots={shots} is larger than its train split "
+                           f"({len(task.train)} examples); lower it")
 
 
 class Prompter:
     """The prompts of one task under one context budget."""
 
-    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int, max_new_tokens: int | None = None):
+    def __init__(self, task: Task, tokenizer: Any, formatter: Formatter, max_tokens: int,
+                 max_new_tokens: int | None = None):
         self.task, self.tokenizer, self.formatter, self.max_tokens = task, tokenizer, formatter, max_tokens
         self.family = FAMILIES[task.family]
         self.ranked = self.family.ranked
@@ -75,7 +77,8 @@ class Prompter:
             self._costs[index] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._costs[index]
 
-    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example]) -> list[Example]:
+    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool,
+                              queries: list[Example]) -> list[Example]:
         """The first ``shots`` examples of the seeded picking order that fit next to the longest query that fits at
         all, laid out in one random order. ``balance``: label-set tasks get as many examples of each label as fit
         (the remainder on random labels, Task.balanced_picks), so the prompt's label counts say nothing about the
@@ -102,7 +105,8 @@ class Prompter:
             kept = set(picked)
             chosen = [self.task.train[i] for i in layout if i in kept]
         if shots != "max" and len(chosen) < shots:
-            warnings.warn(f"{self.task.name}: only {len(chosen)} of {shots} demonstrations fit in {self.max_tokens} tokens", stacklevel=2)
+            warnings.warn(f"{self.task.name}: only {len(chosen)} of {shots} demonstrations fit in "
+                          f"{self.max_tokens} tokens", stacklevel=2)
         return chosen
 
     # ---- token ids
@@ -137,7 +141,8 @@ class Prompter:
             ids, tspans = tokenize_spans(self.tokenizer, context + prompt + a + self.formatter.continuation, spans)
             q = ids[tspans[0][0] : tspans[0][1]]
             if query_ids is not None and q != query_ids:
-                raise ManyICLError(f"task {self.task.name}: the query tokenizes differently before different answers; change the template")
+                raise ManyICLError(f"task {self.task.name}: the query tokenizes differently before different "
+                                   "answers; change the template")
             query_ids = q
             if a:
                 candidates.append(ids[tspans[1][0] : tspans[1][1]])
@@ -161,4 +166,5 @@ class Prompter:
                               add_special_tokens=False)["input_ids"]
         pieces = prefix[len(self.lead) :] + encoded.ids + (encoded.candidates[0] if answer else [])
         if full[: len(pieces)] != pieces:
-            raise ManyICLError(f"task {self.task.name}: prefix and query do not tokenize as the full prompt; change the template")
+            raise ManyICLError(f"task {self.task.name}: prefix and query do not tokenize as the full prompt; "
+                               "change the template")

@@ -32,7 +32,7 @@ CURVE_ROLES = ("held_out", "in_distribution")  # the tasks whose learning curves
 
 
 @dataclass
-class Cell:
+class PlannedCell:
     task: Task
     role: str  # "held_out" or "forgetting"
     queries: list[Example]
@@ -60,7 +60,8 @@ def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], mul
     for q in queries:
         if q.output not in labels:
             where = q.source or task.name
-            raise ManyICLError(f"{where}: gold label {q.output!r} is not in the label set {list(labels)}; add it to task.yaml labels")
+            raise ManyICLError(f"{where}: gold label {q.output!r} is not in the label set {list(labels)}; "
+                               "add it to task.yaml labels")
 
 
 def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
@@ -132,7 +133,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
     rank, world = _ranks()
 
     # plan and validate everything before any model work or any write
-    plan: list[Cell] = []
+    plan: list[PlannedCell] = []
     role_shots = {"held_out": shots or ev.shots, "forgetting": ev.forgetting_shots,
                   "in_distribution": ev.in_distribution_shots}
     for task, role in tasks:
@@ -143,7 +144,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         for k in role_shots[role]:
             check_shots(task, shot_budget(k, max_tokens)[0])
             # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
-            plan += [Cell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
+            plan += [PlannedCell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
     check_contexts(config, shots)
     keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
     results = load_results(results_path)
@@ -212,11 +213,12 @@ def _fold_partials(out: Path, results_path: Path, results: list[dict], keys: lis
     return results
 
 
-def _run_cell(config: Any, cell: Cell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
+def _run_cell(config: Any, cell: PlannedCell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
               adapter: str | None, out: Path, same_prompts: dict | None = None) -> dict:
     ev, task = config.evaluation, cell.task
     shots, max_tokens = shot_budget(cell.shots, max_tokens)
-    prompter = Prompter(task, tokenizer, config.format.formatter(task, tokenizer), max_tokens, ev.max_new_tokens.get(task.family))
+    prompter = Prompter(task, tokenizer, config.format.formatter(task, tokenizer), max_tokens,
+                        ev.max_new_tokens.get(task.family))
     demos = prompter.choose_demonstrations(shots, cell.seed, ev.balance_labels, cell.queries)
     prompts = (task.name, cell.role, max_tokens, tuple((d.input, d.output) for d in demos))
     reused_from = None
