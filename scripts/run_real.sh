@@ -65,10 +65,13 @@ PY
         "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" >> "$dest/stages.tsv"
     [[ -f "$run/pauses.tsv" ]] && cp "$run/pauses.tsv" "$dest/pauses.tsv"
     if [[ -n "${MANYICL_RECORDS_REPO:-}" ]]; then
-        git -C "$target" add -- docs/results/$run_name &&
-            git -C "$target" commit -q -m "real run (commit $(git rev-parse --short HEAD)): stage $stage done in $seconds s" \
-                -- docs/results/$run_name ||
+        git -C "$target" add -- "docs/results/$run_name" || true
+        if git -C "$target" diff --cached --quiet -- "docs/results/$run_name"; then
+            echo "records of stage $stage: nothing new to commit"
+        elif ! git -C "$target" commit -q -m "real run (commit $(git rev-parse --short HEAD)): stage $stage done in $seconds s" \
+                -- "docs/results/$run_name"; then
             echo "records of stage $stage copied but not committed (commit them by hand)"
+        fi
     fi
 }
 
@@ -86,8 +89,8 @@ stage() {
     esac
     local seconds=$(( $(date +%s) - start ))
     echo "wall time (stage $name): $seconds s"
-    mkdir -p "$run/stages" && touch "$run/stages/$name.done"
     records "$name" "$seconds"
+    mkdir -p "$run/stages" && touch "$run/stages/$name.done"  # after its records are copied and committed
 }
 
 case "${1:-}" in
@@ -114,13 +117,13 @@ paused)
     if running; then
         pgid=$(ps -o pgid= "$(cat "$tree/$run/run.pid")" | tr -d ' ')
         from=$(date +%s)
-        kill -STOP -- "-$pgid"
+        cmd="$*"
         carry_on() {  # on every exit: the run continues and the pause is on record
             kill -CONT -- "-$pgid"
             printf '%s\t%s\t%s\n' "$(date -u -d "@$from" +%FT%TZ)" "$(( $(date +%s) - from ))" "$cmd" >> "$tree/$run/pauses.tsv"
         }
-        cmd="$*"
-        trap carry_on EXIT
+        trap carry_on EXIT  # set before the stop, so nothing can leave the run stopped
+        kill -STOP -- "-$pgid"
     fi
     "$@"
     ;;

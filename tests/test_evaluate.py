@@ -312,6 +312,10 @@ def test_predict_cli(tiny_model_dir, tmp_path):
     bad = CliRunner().invoke(main, ["predict", "--model", str(tiny_model_dir), "--demos", str(demos), "--inputs",
                                     str(inputs), "--shots", "4", "--output", str(out), "--labels", "cat,bird"])
     assert bad.exit_code == 2 and "'dog' is not in --labels" in bad.stderr
+    # the label set given, and an input without an answer: nothing to check on that input
+    labelled = CliRunner().invoke(main, ["predict", "--model", str(tiny_model_dir), "--demos", str(demos), "--inputs",
+                                         str(inputs), "--shots", "4", "--output", str(out), "--labels", "cat,dog"])
+    assert labelled.exit_code == 0, labelled.output
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 
 from manyicl.curve_report import average_difference_at_last_k, curve_table
 from manyicl.evaluation.curves import CURVES_FILE, load_curves
-from manyicl.files import read_log, save_figure
+from manyicl.files import logged_tokens, save_figure
 from manyicl.methods import METHODS, REFERENCE, SUBJECT, UNTUNED
 from manyicl.uncertainty import Estimate, significant
 
@@ -36,8 +36,7 @@ def trained_tokens(run_dir: Path, method: str, step: int | None = None) -> int |
     log = run_dir / "train" / method / "train_log.jsonl"
     if not log.exists():
         return None
-    records = read_log(log)
-    return sum(r.get("tokens") or 0 for r in records if step is None or r["step"] <= step)
+    return logged_tokens(log, step)
 
 
 def budget_sections(run_dir: Path, cells: dict, methods: list[str], tasks: list[str], shots: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> 
     """Returns the checkpoint to resume from. Refuses to mix runs in one directory."""
     holds_run = (out / "config.yaml").exists() or (out / "train_log.jsonl").exists()
     if holds_run and overwrite:
-        clear_folder(out, keep=(LOCK_NAME,))
+        if int(os.environ.get("RANK", "0")) == 0:  # one rank clears; the others must not race it
+            clear_folder(out, keep=(LOCK_NAME,))
         holds_run = False
     if not resume:
         if holds_run:

@@ -6,18 +6,15 @@ import json
 import os
 import signal
 import sys
+import threading
 from functools import wraps
 from pathlib import Path
 
 import click
 
-from manyicl.errors import ManyICLError
+from manyicl.errors import ManyICLError, Terminated
 from manyicl.families import SCORINGS
 from manyicl.files import os_error_message
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, unwinding like Ctrl-C (locks released, temporary files removed); training handles both itself."""
 
 
 def _stop_on_sigterm():
@@ -26,6 +23,8 @@ def _stop_on_sigterm():
     def handle(signum, frame):
         raise Terminated
 
+    if threading.current_thread() is not threading.main_thread():  # handlers live on the main thread only
+        return signal.getsignal(signal.SIGTERM)
     return signal.signal(signal.SIGTERM, handle)
 
 
@@ -50,7 +49,8 @@ def _friendly(fn):
                        "(train: with --resume)", err=True)
             sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -218,8 +218,12 @@ def compare_command(config, overrides, only, overwrite, train_only) -> None:
 def report_command(run_dir) -> None:
     """Regenerate report.md and the plots of a run from its results.json."""
     from manyicl.report import write_report
+    from manyicl.runlock import run_lock
 
-    click.echo(f"report: {write_report(run_dir)}")
+    if not Path(run_dir).is_dir():
+        raise ManyICLError(f"{run_dir}: no such run folder; give the output_dir of a compare or eval run")
+    with run_lock(run_dir):  # it rewrites report.md and the plots
+        click.echo(f"report: {write_report(run_dir)}")
 
 
 if __name__ == "__main__":

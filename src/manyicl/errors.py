@@ -7,6 +7,10 @@ class ManyICLError(Exception):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C (locks released, temporary files removed)."""
+
+
 class Interrupted(ManyICLError):
     """A run stopped by SIGINT or SIGTERM, its finished work kept; the CLI exits with 128 + the signal's number."""
 

@@ -36,8 +36,9 @@ def with_path(e: OSError, path: Path | str) -> OSError:
 
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: the path, what the system said, and what to do."""
-    where = e.filename if e.filename is not None else "output"
-    return f"{where}: {e.strerror or e}; {OS_ADVICE.get(e.errno, 'check the path and the disk')}"
+    said = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    advice = OS_ADVICE.get(e.errno, "check the path and the disk")
+    return f"{e.filename}: {said}; {advice}" if e.filename is not None else f"{said}; {advice}"
 
 
 def check_output_file(path: Path, option: str) -> None:
@@ -76,6 +77,11 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def logged_tokens(path: Path, up_to_step: int | None = None) -> int:
+    """Tokens a train_log.jsonl counts, over every step or those up to ``up_to_step``."""
+    return sum(r.get("tokens") or 0 for r in read_log(path) if up_to_step is None or r["step"] <= up_to_step)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -95,15 +101,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
             yield tmp
         except OSError as e:
             raise with_path(e, path) from e
-        for f in (tmp.rglob("*") if tmp.is_dir() else [tmp]):
-            if f.is_file():
-                _fsync(f)
+        fsync_folder(tmp) if tmp.is_dir() else _fsync(tmp)
         if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over another: the old one steps aside
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = path.with_name(path.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)  # left by a kill between the renames below
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # the old folder back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:

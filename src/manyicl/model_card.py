@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from manyicl.files import read_log, write_atomic
+from manyicl.files import logged_tokens, write_atomic
 
 CARD = "README.md"
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the embedded default, converted from its GGUF
@@ -66,7 +66,7 @@ def card_from_run(run_dir: Path, evaluation: list[str] | None = None) -> Path | 
     summary = json.loads(summary_path.read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     mixture = json.loads((run_dir / "mixture.json").read_text())
-    tokens = sum(r.get("tokens") or 0 for r in read_log(run_dir / "train_log.jsonl"))
+    tokens = logged_tokens(run_dir / "train_log.jsonl")
     training = config["training"]
     weights = run_dir / ("adapter" if training["finetune"] == "lora" else "model")
     return write_model_card(weights, config["model"]["name"], training["objective"], training["finetune"], summary,

@@ -1,4 +1,4 @@
-"""One process per run folder: ``train``, ``eval``, ``compare`` and ``serve --state`` hold a lock on the folder they
+"""One process per run folder: ``train``, ``eval``, ``compare`` and ``report`` hold a lock on the folder they
 write, so that a second process started on the same folder refuses in one line instead of rewriting the same
 checkpoints, logs and results.json.
 
@@ -36,6 +36,8 @@ def _program() -> str:
 
 
 def _describe(holder: dict) -> str:
+    if not holder.get("pid"):  # it took the lock a moment ago and has not written who it is yet
+        return "another process"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
     return f"pid {holder.get('pid')} on {holder.get('host')} since {since} (`{holder.get('command', '?')}`)"
 
@@ -96,8 +98,10 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(holder).encode())
     except OSError as e:
-        os.close(fd)
         path.unlink(missing_ok=True)
+        os.close(fd)
+        if made:
+            _remove_if_empty(folder)
         raise with_path(e, path) from e
     _held[folder] = 1
     try:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from manyicl.errors import Terminated
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -35,7 +37,7 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.received = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to stop at once)",
               flush=True)

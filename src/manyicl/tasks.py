@@ -60,7 +60,9 @@ class Task:
             if self.labels is None:
                 self.labels = derive_labels(self.train or self.test, self.family)
             else:
-                check_labels([*self.train, *self.test], tuple(self.labels), self.family, where)
+                # queries without an answer (predict's inputs) have nothing to check
+                check_labels([ex for ex in (*self.train, *self.test) if ex.output], tuple(self.labels), self.family,
+                             where)
             self.labels = tuple(self.labels)
 
     def label_of(self, example: Example) -> str:

@@ -39,7 +39,7 @@ from manyicl.checkpoints import (
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
 from manyicl.errors import Interrupted, ManyICLError
-from manyicl.files import atomic_path, disk_full, fsync_folder, read_log, with_path, write_atomic
+from manyicl.files import atomic_path, disk_full, fsync_folder, logged_tokens, with_path, write_atomic
 from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.model_card import write_model_card
@@ -345,7 +345,7 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool,
         finally:
             log.close()
     seconds = time.perf_counter() - started
-    if stop.received is not None:
+    if stop.received is not None and trainer.state.global_step < steps:  # in the last step: the run is complete
         raise Interrupted(f"{out}: training stopped by {signal.Signals(stop.received).name} at step "
                           f"{trainer.state.global_step} (checkpoint saved); run the same command again to continue "
                           "(manyicl train: with --resume)", stop.received)
@@ -369,7 +369,7 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool,
         summary = {"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir),
                    "released_freed_memory": released, "precision": precision,
                    **({"precision_probe": asdict(probe)} if probe else {})}
-        tokens = sum(r.get("tokens") or 0 for r in read_log(out / "train_log.jsonl"))
+        tokens = logged_tokens(out / "train_log.jsonl")
         write_model_card(weights_dir, config.model.name, tr.objective, tr.finetune, summary, mixture, tokens)
         write_atomic(out / "train_summary.json", json.dumps(summary))  # last: the run is complete
     return TrainResult(out, weights_dir, steps, seconds, released, precision)
