@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # The real-data comparison behind docs/RESULTS.md (configs/real_smollm2.yaml): about a day of CPU time, so it runs
 # in the background, in resumable stages, from ONE fixed commit: a git worktree of the commit that started it, next
-# to this repository, so that later changes to the code cannot alter a resumed stage. Each stage prints its wall
-# time and, as it ends, copies its records into this repository's docs/results/real_smollm2_1m/ and commits them.
+# to this repository, so that later changes to the code cannot alter a resumed stage. Nothing but committed files
+# outlives a session (180 min; each starts from a fresh clone), so everything a later stage needs is committed into
+# this repository's docs/results/real_smollm2_1m/: the records as each stage ends (and every 20 minutes during
+# one), the adapters of the finished fine-tunes at every budget point, and, at `save`, the last checkpoint of a
+# training in progress. `resume` rebuilds the worktree at RUN_COMMIT and the run folder from those records.
 #
-#   bash scripts/run_real.sh start     # once: the worktree at HEAD (committed, clean), then every stage in order
-#   bash scripts/run_real.sh resume    # every later session: the same worktree and commit, from where it stopped
+#   bash scripts/run_real.sh start     # once: the worktree at HEAD (committed, clean), then the stages
+#   bash scripts/run_real.sh resume    # every later session, first thing: the same commit, from where it stopped
+#   bash scripts/run_real.sh save      # before a session stops: commit what is done so far
 #   bash scripts/run_real.sh status    # the commit, the stages done, the last lines of the log
 #   bash scripts/run_real.sh paused -- CMD...   # run CMD (tests, a benchmark) with the run stopped (SIGSTOP/SIGCONT),
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
 #
-# Inside the worktree `stages` runs them all and `stage NAME` one (train-<method>, eval-<method>, task_level,
-# report); finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply starts
-# again. Nothing here runs in CI.
+# Which stage runs next: a training stage (train-<method>, task_level) only where the CPU has AVX-512 BF16 (the
+# config trains in bf16) and it can end before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE,
+# 170 minutes after start/resume); otherwise the next evaluation stage whose fine-tune is done (eval-<method>),
+# then the report. Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply
+# starts again. Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -22,14 +28,17 @@ config=${RUN_CONFIG:-configs/real_smollm2.yaml}  # (RUN_CONFIG, RUN_DIR, RUN_STA
 run=${RUN_DIR:-runs/real_smollm2_1m}  # the config's output_dir
 run_name=$(basename "$run")
 tree="$(dirname "$repo")/manyicl-run-$run_name"  # the worktree of the run's commit
+records_repo="${MANYICL_RECORDS_REPO:-$repo}"  # inside the worktree: the repository that started the run
+dest="$records_repo/docs/results/$run_name"
 # shellcheck disable=SC2206  # the stage names are words
-STAGES=(${RUN_STAGES:-train-manyicl eval-base eval-manyicl train-many_shot_last_ft eval-many_shot_last_ft
+STAGES=(${RUN_STAGES:-train-manyicl eval-manyicl eval-base train-many_shot_last_ft eval-many_shot_last_ft
     train-zero_shot_ft eval-zero_shot_ft train-few_shot_ft eval-few_shot_ft task_level report})
 
-launch() {  # every stage, in the worktree, in the background, in its own process group (for `paused`)
+launch() {  # the stages, in the worktree, in the background, in its own process group (for `paused`)
     mkdir -p "$tree/$run"
     cd "$tree"
     PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" RUN_STAGES="${STAGES[*]}" \
+        RUN_DEADLINE="${RUN_DEADLINE:-$(( $(date +%s) + 170 * 60 ))}" \
         setsid nohup bash scripts/run_real.sh stages >> "$run/run.log" 2>&1 < /dev/null &
     echo $! > "$run/run.pid"
     cd "$repo"
@@ -38,14 +47,64 @@ launch() {  # every stage, in the worktree, in the background, in its own proces
 
 running() { [[ -f "$tree/$run/run.pid" ]] && kill -0 "$(cat "$tree/$run/run.pid")" 2>/dev/null; }
 
-records() {  # what docs/RESULTS.md cites, from the run folder into the repository that started the run; committed
-    local stage=$1 seconds=$2 target="${MANYICL_RECORDS_REPO:-$PWD}" dest
-    dest="$target/docs/results/$run_name"
+commit_records() {  # commit docs/results/<run> only (whatever else is staged stays staged); retried past a busy index
+    local message=$1 try
+    git -C "$records_repo" add -- "docs/results/$run_name" 2>/dev/null || true
+    git -C "$records_repo" diff --cached --quiet -- "docs/results/$run_name" && { echo "records: nothing new"; return; }
+    for try in 1 2 3 4 5; do
+        git -C "$records_repo" commit -q -m "$message" -- "docs/results/$run_name" && return
+        sleep $(( try * 3 ))
+    done
+    echo "records copied but not committed (commit docs/results/$run_name by hand)"
+}
+
+records() {  # what docs/RESULTS.md cites and later stages need, from the run folder into docs/results/<run>
+    local with_checkpoint=${1:-}
     mkdir -p "$dest"
-    (cd "$run" && find . \( -name results.json -o -name curves.json -o -name train_log.jsonl -o -name mixture.json \
-        -o -name train_summary.json -o -name compare_config.yaml -o -name report.md -o -path './plots/*.png' \) \
-        -not -path './train/*/checkpoints/*' -print0) |
+    (cd "$run" && find . \( -name results.json -o -name curves.json -o -name compare_config.yaml -o -name report.md \
+        -o -path './plots/*.png' \) -not -path './train/*' -print0) |
         while IFS= read -r -d '' f; do mkdir -p "$dest/$(dirname "$f")"; cp "$run/$f" "$dest/$f"; done
+    # a finished fine-tune (train_summary.json written last): its folder without checkpoints (the adapter, the logs,
+    # the mixture), and at each budget point its checkpoint's adapter and marker (what budgets/ evaluates)
+    local budget_steps summary method_dir step
+    [[ -d "$run/train" ]] || mkdir -p "$run/train"
+    budget_steps=$(python -c "import sys; from manyicl.compare import budget_steps; from manyicl.config import \
+load_config; print(' '.join(map(str, budget_steps(load_config(sys.argv[1])))))" "$config")
+    while IFS= read -r -d '' summary; do
+        method_dir=$(dirname "$summary")
+        local rel=${method_dir#"$run"/} skip=()
+        # a per-task LoRA (train/task_level/<task>) is evaluated in its own stage: its weights are not needed later
+        [[ $rel == train/*/* ]] && skip=(-not -name adapter_model.safetensors)
+        # a checkpoint saved (save) while this fine-tune was still training is no longer needed
+        if [[ -d "$dest/$rel/checkpoints" ]]; then
+            find "$dest/$rel/checkpoints" -name optimizer.pt | while read -r f; do rm -rf "$(dirname "$f")"; done
+        fi
+        (cd "$method_dir" && find . -type f -not -path './checkpoints/*' -not -name manyicl.lock "${skip[@]}" -print0) |
+            while IFS= read -r -d '' f; do mkdir -p "$dest/$rel/$(dirname "$f")"; cp "$method_dir/$f" "$dest/$rel/$f"; done
+        for step in $budget_steps; do
+            local ckpt="$method_dir/checkpoints/checkpoint-$step"
+            [[ -f "$ckpt/manyicl_complete.json" && $rel != train/*/* ]] || continue
+            mkdir -p "$dest/$rel/checkpoints/checkpoint-$step"
+            cp "$ckpt"/adapter_config.json "$ckpt"/adapter_model.safetensors "$ckpt"/manyicl_complete.json \
+                "$dest/$rel/checkpoints/checkpoint-$step/"
+        done
+    done < <(find "$run/train" -name train_summary.json -print0 2>/dev/null)
+    if [[ -n "$with_checkpoint" ]]; then  # save: the last complete checkpoint of a training still in progress, whole
+        for method_dir in "$run"/train/*/; do
+            method_dir=${method_dir%/}
+            [[ -f "$method_dir/train_summary.json" || ! -f "$method_dir/config.yaml" ]] && continue
+            local last
+            last=$(find "$method_dir/checkpoints" -maxdepth 2 -name manyicl_complete.json 2>/dev/null |
+                sed 's|.*/checkpoint-\([0-9]*\)/.*|\1|' | sort -n | tail -1 || true)
+            [[ -n "$last" ]] || continue
+            rm -rf "$dest/${method_dir#"$run"/}"  # one checkpoint per training in progress: the last one
+            mkdir -p "$dest/${method_dir#"$run"/}/checkpoints"
+            (cd "$method_dir" && find . -maxdepth 1 -type f -not -name manyicl.lock -print0) |
+                while IFS= read -r -d '' f; do cp "$method_dir/$f" "$dest/${method_dir#"$run"/}/$f"; done
+            cp -r "$method_dir/checkpoints/checkpoint-$last" "$dest/${method_dir#"$run"/}/checkpoints/"
+            echo "saved ${method_dir#"$run"/} at checkpoint-$last (training in progress)"
+        done
+    fi
     # the per-query rows the report's intervals are computed from, without the inputs and label scores (their size):
     # `manyicl report docs/results/$run_name` regenerates the report from these records
     python - "$run" "$dest" <<'PY'
@@ -61,25 +120,51 @@ for f in run.glob("**/predictions/**/*.jsonl"):
     out.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}, ensure_ascii=False) + "\n" for r in rows),
                    encoding="utf-8")
 PY
-    printf '%s\t%s\t%s\t%s\t%s\n' "$stage" "$(git rev-parse HEAD)" "$(date -u +%FT%TZ)" "$seconds" \
-        "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" >> "$dest/stages.tsv"
     [[ -f "$run/pauses.tsv" ]] && cp "$run/pauses.tsv" "$dest/pauses.tsv"
-    if [[ -n "${MANYICL_RECORDS_REPO:-}" ]]; then
-        git -C "$target" add -- "docs/results/$run_name" || true
-        if git -C "$target" diff --cached --quiet -- "docs/results/$run_name"; then
-            echo "records of stage $stage: nothing new to commit"
-        elif ! git -C "$target" commit -q -m "real run (commit $(git rev-parse --short HEAD)): stage $stage done in $seconds s" \
-                -- "docs/results/$run_name"; then
-            echo "records of stage $stage copied but not committed (commit them by hand)"
-        fi
-    fi
+    return 0
 }
+
+restore() {  # a fresh clone: the worktree at the run's commit and its run folder from the committed records
+    [[ -f "$dest/RUN_COMMIT" ]] || { echo "$dest/RUN_COMMIT: missing, no run to resume (use start)" >&2; exit 2; }
+    git worktree prune
+    git worktree add --detach "$tree" "$(cat "$dest/RUN_COMMIT")"
+    mkdir -p "$tree/$run/stages"
+    cp -r "$dest/." "$tree/$run/"
+    [[ -f "$dest/stages.tsv" ]] && cut -f1 "$dest/stages.tsv" | while read -r s; do touch "$tree/$run/stages/$s.done"; done
+    echo "restored $tree at $(cat "$dest/RUN_COMMIT" | cut -c1-7) with the records of $dest"
+}
+
+done_stage() { [[ -f "$run/stages/$1.done" ]]; }
+
+has_bf16() { grep -q avx512_bf16 /proc/cpuinfo; }
+
+runnable() {  # why a stage cannot run now, on stdout; nothing when it can
+    local name=$1 s
+    case "$name" in
+    train-*|task_level)
+        if [[ "$(python -c "import sys; from manyicl.config import load_config; \
+print(load_config(sys.argv[1]).training.precision)" "$config")" == bf16 ]] && ! has_bf16; then
+            echo "this CPU has no AVX-512 BF16 (bf16 training would be ~5x slower)"
+        elif (( $(date +%s) + ${RUN_TRAIN_MINUTES:-115} * 60 > ${RUN_DEADLINE:-9999999999} )); then
+            echo "it would not end before this session does (RUN_DEADLINE)"
+        fi ;;
+    eval-base) ;;
+    eval-*) done_stage "train-${name#eval-}" || echo "train-${name#eval-} is not done" ;;
+    report) for s in "${STAGES[@]}"; do [[ $s == report ]] || done_stage "$s" || { echo "$s is not done"; break; }; done ;;
+    esac
+}
+
+stop_saver() { [[ -n "${saver:-}" ]] && { pkill -P "$saver" 2>/dev/null; kill "$saver" 2>/dev/null; }; saver=; }
 
 stage() {
     local name=$1 start
     start=$(date +%s)
-    [[ -f "$run/stages/$name.done" ]] && { echo "stage $name: done before"; return; }
+    done_stage "$name" && { echo "stage $name: done before"; return; }
     echo "== stage $name ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
+    # every 20 minutes the records so far are committed: a session that stops mid-stage loses at most that
+    ( while sleep 1200; do records >/dev/null && commit_records "real run: stage $name in progress"; done ) &
+    saver=$!  # (global: the trap runs after this function has returned)
+    trap 'stop_saver' EXIT
     case "$name" in
     train-*) manyicl compare "$config" --train-only --only "${name#train-}" ;;
     eval-*) manyicl compare "$config" --only "${name#eval-}" ;;
@@ -87,27 +172,55 @@ stage() {
     report) manyicl compare "$config" ;;  # every method, all reused: the report of the whole run
     *) echo "scripts/run_real.sh: unknown stage '$name'; use one of ${STAGES[*]}" >&2; exit 2 ;;
     esac
+    stop_saver
     local seconds=$(( $(date +%s) - start ))
     echo "wall time (stage $name): $seconds s"
-    records "$name" "$seconds"
+    records
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$(git rev-parse HEAD)" "$(date -u +%FT%TZ)" "$seconds" \
+        "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" >> "$dest/stages.tsv"
+    commit_records "real run (commit $(git rev-parse --short HEAD)): stage $name done in $seconds s"
     mkdir -p "$run/stages" && touch "$run/stages/$name.done"  # after its records are copied and committed
+}
+
+next_stage() {  # the first stage, in order, that is not done and can run now; the others' reasons on stderr
+    local s why
+    for s in "${STAGES[@]}"; do
+        done_stage "$s" && continue
+        why=$(runnable "$s")
+        [[ -z "$why" ]] && { echo "$s"; return; }
+        echo "stage $s: not now: $why" >&2
+    done
 }
 
 case "${1:-}" in
 start)
-    [[ -e "$tree" ]] && { echo "$tree exists: the run was started (use resume)" >&2; exit 2; }
+    [[ -e "$tree" || -f "$dest/RUN_COMMIT" ]] && { echo "the run was started (use resume)" >&2; exit 2; }
     [[ -z "$(git status --porcelain --untracked-files=no)" ]] || {
         echo "uncommitted changes: commit them first, the run is made from a commit" >&2; exit 2; }
     git worktree add --detach "$tree" HEAD
+    mkdir -p "$dest" && git rev-parse HEAD > "$dest/RUN_COMMIT"
+    commit_records "real run: started from commit $(git rev-parse --short HEAD)"
     launch
     ;;
 resume)
-    [[ -d "$tree" ]] || { echo "$tree: no run to resume (use start)" >&2; exit 2; }
-    running && { echo "already running (pid $(cat "$tree/$run/run.pid"))" >&2; exit 2; }
+    if [[ -d "$tree" ]]; then
+        running && { echo "already running (pid $(cat "$tree/$run/run.pid"))" >&2; exit 2; }
+    else
+        restore
+    fi
     launch
     ;;
+save)  # (here) commit the records so far and the last checkpoint of a training in progress, from the worktree
+    [[ -d "$tree" ]] || { echo "$tree: no run here"; exit 0; }
+    (cd "$tree" && PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" \
+        bash scripts/run_real.sh save-here)
+    ;;
+save-here)
+    records with-checkpoint
+    commit_records "real run (commit $(git rev-parse --short HEAD)): saved while in progress"
+    ;;
 status)
-    [[ -d "$tree" ]] || { echo "not started"; exit 0; }
+    [[ -d "$tree" ]] || { echo "not started here (resume rebuilds it from $dest)"; exit 0; }
     echo "commit $(git -C "$tree" rev-parse HEAD); $(running && echo running || echo 'not running')"
     ls "$tree/$run/stages" 2>/dev/null | sed 's/^/done: /'
     tail -n 5 "$tree/$run/run.log" 2>/dev/null | tr '\r' '\n' | tail -n 5
@@ -128,7 +241,8 @@ paused)
     "$@"
     ;;
 stages)
-    for s in "${STAGES[@]}"; do stage "$s"; done
+    while s=$(next_stage) && [[ -n "$s" ]]; do stage "$s"; done
+    echo "no stage can run now ($(date -u +%FT%TZ))"
     ;;
 stage)
     stage "$2"
@@ -140,8 +254,8 @@ screen)
     cp runs/forgetting_screen/results.json docs/results/forgetting_screen_results.json
     ;;
 *)
-    echo "scripts/run_real.sh: use start, resume, status, paused -- CMD, screen (or, in the run's worktree, stages" \
-         "or stage NAME)" >&2
+    echo "scripts/run_real.sh: use start, resume, save, status, paused -- CMD, screen (or, in the run's worktree," \
+         "stages or stage NAME)" >&2
     exit 2
     ;;
 esac

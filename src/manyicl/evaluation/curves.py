@@ -78,6 +78,21 @@ def _record_key(r: dict) -> tuple:
     return curve_key(r["method"], r["model"], r.get("adapter"), r["task"], r["seed"], r["max_tokens"])
 
 
+def _missing(records: list[dict], method: str, model_name: str, adapter: str | None, max_tokens: int,
+             n_sequences: int) -> Callable[[Task], list[int]]:
+    """The sequences of a task whose curve is not in ``records``."""
+    done = {_record_key(r) for r in records}
+    return lambda task: [s for s in range(n_sequences)
+                         if curve_key(method, model_name, adapter, task.name, s, max_tokens) not in done]
+
+
+def curves_left(tasks: list[Task], out: Path, method: str, model_name: str, adapter: str | None, max_tokens: int,
+                n_sequences: int) -> bool:
+    """Whether any curve of ``tasks`` is still to be measured in ``<out>/curves.json``."""
+    missing = _missing(load_curves(out / CURVES_FILE), method, model_name, adapter, max_tokens, n_sequences)
+    return any(missing(task) for task in tasks)
+
+
 def run_curves(tasks: list[tuple[Task, str]], out: Path, method: str, model_name: str, adapter: str | None,
                max_tokens: int, n_sequences: int, formatter_for: Callable[[Task, Any], Any],
                model_and_tokenizer: Callable[[], tuple[Any, Any]]) -> list[dict]:
@@ -87,12 +102,7 @@ def run_curves(tasks: list[tuple[Task, str]], out: Path, method: str, model_name
 
     path = out / CURVES_FILE
     records = load_curves(path)
-    done = {_record_key(r) for r in records}
-
-    def missing(task: Task) -> list[int]:
-        return [s for s in range(n_sequences)
-                if curve_key(method, model_name, adapter, task.name, s, max_tokens) not in done]
-
+    missing = _missing(records, method, model_name, adapter, max_tokens, n_sequences)
     todo = [(task, role) for task, role in tasks if missing(task)]
     if not todo:
         return records

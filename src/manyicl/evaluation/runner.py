@@ -19,7 +19,7 @@ import torch
 from manyicl.errors import ManyICLError
 from manyicl.evaluation.backend_hf import hf_backend
 from manyicl.evaluation.cells import evaluate_cell
-from manyicl.evaluation.curves import run_curves
+from manyicl.evaluation.curves import curves_left, run_curves
 from manyicl.evaluation.prompting import Prompter, check_shots, shot_budget
 from manyicl.families import FAMILIES
 from manyicl.files import read_records, write_atomic
@@ -113,8 +113,6 @@ def run_evaluation(
     ``evaluation.learning_curve`` the held-out and in-distribution tasks also get their learning curves
     (curves.py, into ``<output_dir>/curves.json``).
     """
-    if adapter:
-        check_adapter(adapter)  # before any model work
     with run_lock(output_dir or config.output_dir):  # one process per run folder
         return _evaluate(config, tasks, method, adapter, output_dir, loaded, shots)
 
@@ -145,13 +143,19 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
             check_shots(task, shot_budget(k, max_tokens)[0])
             # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
             plan += [PlannedCell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
-    check_contexts(config, shots)
     keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
     results = load_results(results_path)
     if world == 1 and _partials(out):  # records of an interrupted multi-rank run
         results = _fold_partials(out, results_path, results, keys)
     done = {record_key(r) for r in results} | {record_key(r) for p in _partials(out) for r in load_results(p)}
     todo = [c for c, key in zip(plan, keys) if key not in done]
+    curve_tasks = [(t, role) for t, role in tasks if role in CURVE_ROLES] if ev.learning_curve else []
+    if adapter and (todo or curves_left([t for t, _ in curve_tasks], out, method, model_name, adapter, max_tokens,
+                                        ev.curve_sequences)):
+        # before any model work, and only when there is work: a run folder rebuilt from its committed records
+        # (scripts/run_real.sh) keeps no per-task weights, and its finished cells need none
+        check_adapter(adapter)
+    check_contexts(config, shots)
     mine = todo[rank::world]
 
     loaded_now: list[tuple[Any, Any]] = []
@@ -161,6 +165,8 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         if not loaded_now:
             model, tokenizer = loaded or (None, None)
             if model is None:
+                if adapter:  # checked before the model loads, and only when a cell or curve needs it: a run folder
+                    check_adapter(adapter)  # restored from its records (no weights) still reports its finished cells
                 tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
                 # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
                 model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
@@ -190,8 +196,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
             _fold_partials(out, results_path, results, keys)
         dist.barrier()
         results = load_results(results_path)
-    if ev.learning_curve and rank == 0:  # one process measures the curves (a forward per sequence: cheap)
-        curve_tasks = [(t, role) for t, role in tasks if role in CURVE_ROLES]
+    if curve_tasks and rank == 0:  # one process measures the curves (a forward per sequence: cheap)
         run_curves(curve_tasks, out, method, model_name, adapter, max_tokens, ev.curve_sequences,
                    config.format.formatter, model_and_tokenizer)
     if world > 1:
