@@ -180,17 +180,51 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
               help="How label candidates are ranked (default: evaluation.scoring's default).")
 @click.option("--balance-labels/--no-balance-labels", default=True, show_default=True,
               help="Label-set families: as many demonstrations of each label as fit, in one random order.")
+@click.option("--reserve-tokens", default=None, type=click.IntRange(min=1),
+              help="Room kept after the demonstrations for each input and its answer (default: what the longest "
+                   "input needs); a served task's query_tokens.")
+@click.option("--instruction", default="", help="A line before the demonstrations (the task's instruction).")
 @_friendly
 def predict(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed, scoring,
-            balance_labels) -> None:
+            balance_labels, reserve_tokens, instruction) -> None:
     """Solve a new task by many-shot prompting: demonstrations from one file, answers for another."""
     from manyicl.predict import DEFAULTS, predict_file
 
     n, summary = predict_file(model, adapter, demos, inputs, shots, output, family, labels, max_tokens, seed,
-                              scoring or DEFAULTS.scoring, balance_labels)
+                              scoring or DEFAULTS.scoring, balance_labels, reserve_tokens, instruction)
     click.echo(f"wrote {n} predictions to {output}")
     if summary:
         click.echo(summary)
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="Embedded default, hub id or local directory.")
+@click.option("--adapter", default=None, type=click.Path(), help="A PEFT adapter folder (a fine-tune's adapter/).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key-file.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key-file", default=None, type=click.Path(),
+              help="A file holding the API key: every route but /healthz then needs 'Authorization: Bearer <key>'.")
+@click.option("--cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Memory for cached task prefixes (keys/values), least recently used evicted first.")
+@click.option("--state", default=None, type=click.Path(),
+              help="Folder of the task registry (SQLite): registered tasks survive a restart. Default: in memory.")
+@click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=64),
+              help="The longest prompt a task may have (a task's max_tokens is at most this).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests waiting for the model; beyond: 429.")
+@click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0.001))
+@click.option("--max-demonstrations", default=4096, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-inputs", default=256, show_default=True, type=click.IntRange(min=1), help="Per predict request.")
+@click.option("--max-input-chars", default=8000, show_default=True, type=click.IntRange(min=1))
+@_friendly
+def serve(model, adapter, host, port, api_key_file, cache_mb, state, max_tokens, max_queue, max_body_mb,
+          max_demonstrations, max_inputs, max_input_chars) -> None:
+    """Serve one model for many tasks: register a task by its demonstrations, then query it (docs/SERVING.md)."""
+    from manyicl.serving.server import run_server
+
+    run_server(model, adapter, host, port, api_key_file, cache_mb, state, max_tokens, max_queue, max_body_mb,
+               max_demonstrations, max_inputs, max_input_chars)
 
 
 @main.command("compare")

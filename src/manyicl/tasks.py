@@ -191,7 +191,12 @@ def _record_to_example(
 
 def read_jsonl(path: Path, input_field="input", output_field="output", answers_field="answers",
                require_output=True) -> list[Example]:
-    text = _read_text(path)
+    return parse_jsonl(_read_text(path), str(path), input_field, output_field, answers_field, require_output)
+
+
+def parse_jsonl(text: str, where: str, input_field="input", output_field="output", answers_field="answers",
+                require_output=True) -> list[Example]:
+    """Examples from JSONL text (a file's, or one pasted into a request); errors name ``where:line``."""
     examples = []
     # Split on "\n" only: str.splitlines() would also split inside records at U+0085 (see shared/data/MANIFEST.md).
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -200,9 +205,9 @@ def read_jsonl(path: Path, input_field="input", output_field="output", answers_f
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ManyICLError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+            raise ManyICLError(f"{where}:{lineno}: not valid JSON ({e.msg}); "
                                "each line must be one JSON object") from None
-        examples.append(_record_to_example(record, f"{path}:{lineno}", input_field, output_field, answers_field,
+        examples.append(_record_to_example(record, f"{where}:{lineno}", input_field, output_field, answers_field,
                                            require_output))
     return examples
 

@@ -128,16 +128,22 @@ class SharedPrefixBackend:
         return next(self.model.parameters()).dtype
 
     def _store_with(self, prefix: list[int]) -> InPlaceKV:
-        """The store holding ``prefix``; computed once per distinct prefix (once per cell)."""
+        """The store holding ``prefix``; computed once per distinct prefix (once per cell). A server keeps many
+        (serving/prefix_cache.py overrides this)."""
         if self._prefix != tuple(prefix):
-            config = text_config(self.model.config)
-            self._store = InPlaceKV(config.num_hidden_layers)
-            self._store.reserve(len(prefix) + self.batch_tokens)
-            if prefix:
-                self.model(input_ids=torch.tensor([prefix], device=self.device), cache=self._store, use_cache=True,
-                           logits_to_keep=1)
+            self._store = self.encode_prefix(prefix)
             self._prefix = tuple(prefix)
         return self._store
+
+    def encode_prefix(self, prefix: list[int]) -> InPlaceKV:
+        """One forward over ``prefix``: its keys/values, with room for a group of queries after them."""
+        config = text_config(self.model.config)
+        store = InPlaceKV(config.num_hidden_layers)
+        store.reserve(len(prefix) + self.batch_tokens)
+        if prefix:
+            self.model(input_ids=torch.tensor([prefix], device=self.device), cache=store, use_cache=True,
+                       logits_to_keep=1)
+        return store
 
     def group_budget(self, prefix_length: int) -> int:
         """Tokens per group in generation. Each group token attends over prefix + group under a block mask, so the

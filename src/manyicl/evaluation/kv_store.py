@@ -92,6 +92,12 @@ class InPlaceKV(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (their capacity, not only the length in use)."""
+        return sum(t.nelement() * t.element_size() for layer in self.layers if layer.is_initialized
+                   for t in (layer._keys, layer._values))
+
 
 def gqa_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,

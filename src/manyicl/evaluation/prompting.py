@@ -60,6 +60,8 @@ class Prompter:
         self.answer_form = formatter.answer_form  # decided by the formatter, for training and evaluation alike
         self.lead = leading_special_ids(tokenizer)
         self._costs: dict[int, int] = {}
+        self._prefixes: dict[tuple[Example, ...], list[int]] = {}
+        self._checked: set[tuple[Example, ...]] = set()
 
     # ---- answers
     def candidates(self, example: Example) -> tuple[list[str], list[str]]:
@@ -77,21 +79,23 @@ class Prompter:
             self._costs[index] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._costs[index]
 
-    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool,
-                              queries: list[Example]) -> list[Example]:
+    def choose_demonstrations(self, shots: int | str, seed: int, balance: bool, queries: list[Example],
+                              reserve: int | None = None) -> list[Example]:
         """The first ``shots`` examples of the seeded picking order that fit next to the longest query that fits at
-        all, laid out in one random order. ``balance``: label-set tasks get as many examples of each label as fit
-        (the remainder on random labels, Task.balanced_picks), so the prompt's label counts say nothing about the
-        query's label; otherwise an i.i.d. sample."""
+        all (or next to ``reserve`` tokens, when the queries are not known yet: a served task), laid out in one
+        random order. ``balance``: label-set tasks get as many examples of each label as fit (the remainder on
+        random labels, Task.balanced_picks), so the prompt's label counts say nothing about the query's label;
+        otherwise an i.i.d. sample."""
         check_shots(self.task, shots)
         rng = random.Random(f"eval:{self.task.name}:{seed}")
         picks = self.task.balanced_picks(rng) if balance else self.task.order(rng)
         wanted = picks if shots == "max" else picks[:shots]
-        reserve = 0
-        for q in queries:
-            need = self.query_budget(self.encode_query("", q))
-            if need + len(self.lead) <= self.max_tokens:
-                reserve = max(reserve, need)
+        if reserve is None:
+            reserve = 0
+            for q in queries:
+                need = self.query_budget(self.encode_query("", q))
+                if need + len(self.lead) <= self.max_tokens:
+                    reserve = max(reserve, need)
         header = self.tokenizer(self.formatter.header, add_special_tokens=False)["input_ids"]
         budget = self.max_tokens - reserve - len(self.lead) - len(header)
         picked = take_fitting(wanted, self.example_tokens, budget)
@@ -118,11 +122,15 @@ class Prompter:
 
     def prefix_ids(self, demos: list[Example]) -> list[int]:
         """Lead special tokens + header + demonstrations: what every query of the cell shares."""
-        rendered, prefix_text = self._prefix_text(demos)
-        if not prefix_text:
-            return list(self.lead)
-        ids, spans = tokenize_spans(self.tokenizer, rendered.text, [(0, len(prefix_text))], self.lead)
-        return ids[: spans[0][1]]
+        key = tuple(demos)  # a served task asks for the same prefix on every request: tokenized once
+        if key not in self._prefixes:
+            rendered, prefix_text = self._prefix_text(demos)
+            if not prefix_text:
+                self._prefixes[key] = list(self.lead)
+            else:
+                ids, spans = tokenize_spans(self.tokenizer, rendered.text, [(0, len(prefix_text))], self.lead)
+                self._prefixes[key] = ids[: spans[0][1]]
+        return list(self._prefixes[key])
 
     def context(self, demos: list[Example]) -> str:
         """The text that decides how a query tokenizes: the last demonstration (or the header)."""
@@ -159,7 +167,9 @@ class Prompter:
         return len(query.ids) + answer
 
     def check_in_context(self, demos: list[Example], prefix: list[int], query: Example, encoded: EncodedQuery) -> None:
-        """Once per cell: the pieces must equal tokenizing the whole prompt at once."""
+        """Once per cell (per prefix): the pieces must equal tokenizing the whole prompt at once."""
+        if tuple(demos) in self._checked:
+            return
         _, prefix_text = self._prefix_text(demos)
         answer = self.formatter.answer(self.candidates(query)[1][0]) if self.ranked else ""
         full = self.tokenizer(prefix_text + self.formatter.prompt(query.input) + answer + self.formatter.continuation,
@@ -168,3 +178,4 @@ class Prompter:
         if full[: len(pieces)] != pieces:
             raise ManyICLError(f"task {self.task.name}: prefix and query do not tokenize as the full prompt; "
                                "change the template")
+        self._checked.add(tuple(demos))
