@@ -231,12 +231,22 @@ paused)
         pgid=$(ps -o pgid= "$(cat "$tree/$run/run.pid")" | tr -d ' ')
         from=$(date +%s)
         cmd="$*"
-        carry_on() {  # on every exit: the run continues and the pause is on record
-            kill -CONT -- "-$pgid"
+        # pauses may overlap (two test runs at once): a count under a lock; the first stops the run, the last
+        # one out lets it continue
+        count="$tree/$run/pause.count"
+        exec 9>"$tree/$run/pause.lock"
+        carry_on() {  # on every exit: the run continues once no other pause holds it, and the pause is on record
+            flock 9
+            local n; n=$(( $(cat "$count" 2>/dev/null || echo 1) - 1 ))
+            (( n > 0 )) && echo "$n" > "$count" || { rm -f "$count"; kill -CONT -- "-$pgid"; }
+            flock -u 9
             printf '%s\t%s\t%s\n' "$(date -u -d "@$from" +%FT%TZ)" "$(( $(date +%s) - from ))" "$cmd" >> "$tree/$run/pauses.tsv"
         }
         trap carry_on EXIT  # set before the stop, so nothing can leave the run stopped
+        flock 9
+        echo $(( $(cat "$count" 2>/dev/null || echo 0) + 1 )) > "$count"
         kill -STOP -- "-$pgid"
+        flock -u 9
     fi
     "$@"
     ;;
