@@ -205,8 +205,9 @@ def predict(model, adapter, demos, inputs, shots, output, family, labels, max_to
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--api-key-file", default=None, type=click.Path(),
               help="A file holding the API key: every route but /healthz then needs 'Authorization: Bearer <key>'.")
-@click.option("--cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0.001),
-              help="Memory for cached task prefixes (keys/values), least recently used evicted first.")
+@click.option("--cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
+              help="Memory for cached task prefixes (keys/values), least recently used evicted first; 0: none "
+                   "(every request encodes its prefix).")
 @click.option("--state", default=None, type=click.Path(),
               help="Folder of the task registry (SQLite): registered tasks survive a restart. Default: in memory.")
 @click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=64),

@@ -20,8 +20,9 @@ class CacheStats:
 
 
 class PrefixCache:
-    """prefix ids -> their keys/values; ``budget_bytes`` bounds the buffers held (the entry in use is always kept,
-    even alone over the budget: it is needed to answer)."""
+    """prefix ids -> their keys/values; ``budget_bytes`` bounds the buffers held between requests (the request in
+    flight holds its own entry while it runs, so an entry over the budget, or a budget of 0, means a prefix encoded
+    per request: the server without a cache that bench/serve_load.py compares with)."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
@@ -44,7 +45,7 @@ class PrefixCache:
 
     def trim(self) -> None:
         """Evict from the least recently used end until the budget holds (buffers can grow while in use)."""
-        while len(self._entries) > 1 and self.nbytes > self.budget_bytes:
+        while self._entries and self.nbytes > self.budget_bytes:
             self._entries.popitem(last=False)
             self.stats.evictions += 1
 
