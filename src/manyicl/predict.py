@@ -36,8 +36,9 @@ def check_shots_text(shots: str, where: str = "--shots") -> int | str:
 
 
 def prompt_task(family: str, demos: list[Example], labels: list[str] | None, instruction: str = "",
-                where: str = "--demos", labels_name: str = "--labels") -> Task:
-    """The task the demonstrations define; answers outside a declared label set are errors naming the record.
+                where: str = "--demos", labels_name: str = "--labels", queries: list[Example] = ()) -> Task:
+    """The task the demonstrations define; answers outside a declared label set (the demonstrations', and those
+    of the ``queries`` that have one) are errors naming the record.
     Its name is always PROMPTED_TASK: the demonstration draw is seeded by task name and seed, so one name makes a
     served task draw what ``manyicl predict`` draws from the same demonstrations and seed."""
     if family not in FAMILIES:
@@ -45,7 +46,7 @@ def prompt_task(family: str, demos: list[Example], labels: list[str] | None, ins
     if not demos:
         raise ManyICLError(f"{where}: no demonstrations")
     if labels and FAMILIES[family].label_set:
-        for ex in demos:
+        for ex in [*demos, *(q for q in queries if q.output)]:
             for label in answer_labels(ex, family):
                 if label not in labels:
                     raise ManyICLError(f"{ex.source}: answer {label!r} is not in {labels_name} {labels}; add it to "
@@ -115,13 +116,7 @@ def predict_file(model_name: str, adapter: str | None, demos_path: str, inputs_p
     if not queries:
         raise ManyICLError(f"{inputs_path}: no inputs")
     label_set = [part.strip() for part in labels.split(",") if part.strip()] if labels else None
-    task = prompt_task(family, demos, label_set, instruction, where=demos_path)
-    if label_set and FAMILIES[family].label_set:
-        for q in (q for q in queries if q.output):
-            for label in answer_labels(q, family):
-                if label not in label_set:
-                    raise ManyICLError(f"{q.source}: answer {label!r} is not in --labels {label_set}; add it to "
-                                       "--labels or correct the record")
+    task = prompt_task(family, demos, label_set, instruction, where=demos_path, queries=queries)
     tokenizer = load_tokenizer(model_name)
     model = for_inference(load_model(model_name, adapter=adapter))
     prompted = PromptedTask.build(task, tokenizer, wanted, seed, scoring, max_tokens, balance_labels, reserve, queries)

@@ -165,8 +165,6 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         if not loaded_now:
             model, tokenizer = loaded or (None, None)
             if model is None:
-                if adapter:  # checked before the model loads, and only when a cell or curve needs it: a run folder
-                    check_adapter(adapter)  # restored from its records (no weights) still reports its finished cells
                 tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
                 # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
                 model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
