@@ -15,7 +15,7 @@
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
 #
-# Which stage runs next: a training stage (train-<method>, task_level) only where the CPU has AVX-512 BF16 (the
+# Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) only where the CPU has AVX-512 BF16 (the
 # config trains in bf16) and it can end before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE,
 # 170 minutes after start/resume); otherwise the next evaluation stage whose fine-tune is done (eval-<method>),
 # then the report. Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply
@@ -31,8 +31,10 @@ tree="$(dirname "$repo")/manyicl-run-$run_name"  # the worktree of the run's com
 records_repo="${MANYICL_RECORDS_REPO:-$repo}"  # inside the worktree: the repository that started the run
 dest="$records_repo/docs/results/$run_name"
 # shellcheck disable=SC2206  # the stage names are words
-STAGES=(${RUN_STAGES:-train-manyicl eval-manyicl eval-base train-many_shot_last_ft eval-many_shot_last_ft
-    train-zero_shot_ft eval-zero_shot_ft train-few_shot_ft eval-few_shot_ft task_level report})
+# The trainings come first: next_stage takes the first that can run, so a session that can fit a training (bf16,
+# RUN_TRAIN_MINUTES) spends its start on one and its rest on evaluations; the order changes no result.
+STAGES=(${RUN_STAGES:-train-manyicl train-many_shot_last_ft train-zero_shot_ft train-few_shot_ft task_level
+    eval-manyicl eval-base eval-many_shot_last_ft eval-zero_shot_ft eval-few_shot_ft report})
 
 launch() {  # the stages, in the worktree, in the background, in its own process group (for `paused`)
     mkdir -p "$tree/$run"
