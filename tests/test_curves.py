@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from manyicl.curve_report import average_difference_at_last_k, difference_at_k, load_curve_table
 from manyicl.evaluation.curves import answer_losses, curve_sequences, run_curves
 from manyicl.formatter import Formatter
+from manyicl.reporting.curves import average_difference_at_last_k, difference_at_k, load_curve_table
 from manyicl.tasks import load_task_dir
 
 

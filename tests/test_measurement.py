@@ -142,19 +142,33 @@ def test_records_carry_intervals_histograms_scores_and_skips(tiny_model_dir, dat
     assert "too long for the context (scored as wrong, kept in every denominator): 2" in report
 
 
+def cell_record(**fields):
+    """A cell record with what a test does not care about filled in."""
+    from manyicl.evaluation.records import CellRecord
+
+    defaults = {"model": "m", "method": "base", "task": "t", "family": "classification", "metric": "accuracy",
+                "shots": 0, "shots_requested": 0, "seed": 0, "value": 0.0, "n": 10}
+    return CellRecord(**(defaults | fields))
+
+
+def context_of(run_dir, cells):
+    from manyicl.reporting.context import build_context
+
+    return build_context(run_dir, [r for c in cells.values() for r in c.records], cells)
+
+
 def test_shot_scaling_plot_draws_two_requests_that_use_the_same_shots(tmp_path):
     """32 and max both used 26 demonstrations on agnews (no more fit) and scored differently: the shot-scaling plot
     draws both points instead of failing to order them (it once compared their estimates)."""
-    from manyicl.report import Cell, _plots
+    from manyicl.reporting import plots
+    from manyicl.reporting.analysis import Cell
 
     def cell(k, used, correct):
-        record = {"method": "base", "task": "agnews", "shots_requested": k, "shots": used, "seed": 0,
-                  "metric": "accuracy", "family": "classification", "role": "held_out"}
+        record = cell_record(task="agnews", shots_requested=k, shots=used)
         return Cell([record], {0: np.array([[1.0]] * correct + [[0.0]] * (10 - correct))})
 
     cells = {("base", "agnews", "32"): cell(32, 26, 6), ("base", "agnews", "max"): cell("max", 26, 7)}
-    plots = _plots(tmp_path, cells, ["base"], ["agnews"], "max")
-    assert tmp_path / "plots" / "shot_scaling.png" in plots
+    assert plots.shot_scaling(context_of(tmp_path, cells)) == tmp_path / "plots" / "shot_scaling.png"
 
 
 def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
@@ -172,14 +186,15 @@ def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_interval():
+def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_interval(tmp_path):
     """Two tasks: base 0.2/0.4, manyicl 0.5/0.6, task_level 0.8/0.6 -> per task 0.50 and 1.00; on the average
     (0.3, 0.55, 0.7) the gap is 0.25/0.4 = 0.625, not the mean of the two ratios; every figure has an interval."""
-    from manyicl.report import Cell, _fmt, _gap_closed, gap_closed
+    from manyicl.reporting import sections
+    from manyicl.reporting.analysis import Cell, TaskGroup, gap_closed
+    from manyicl.reporting.text import fmt, fmt_gap
 
     def cell(method, task, k, correct, n=200, seeds=(0, 1)):
-        record = {"method": method, "task": task, "shots_requested": k, "shots": 8, "seed": 0, "metric": "accuracy",
-                  "family": "classification", "role": "held_out"}
+        record = cell_record(method=method, task=task, shots_requested=k, shots=8, n=n)
         rows = np.array([[1.0]] * correct + [[0.0]] * (n - correct))
         return Cell([record], {s: rows for s in seeds})
 
@@ -188,42 +203,46 @@ def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_i
         cells["base", task, "8"] = cell("base", task, 8, b)
         cells["manyicl", task, "8"] = cell("manyicl", task, 8, m)
         cells["task_level", task, "0"] = cell("task_level", task, 0, t, seeds=(0,))
-    rows = gap_closed(cells, ["a", "b"], "8", [("average", ["a", "b"])])
-    by_name = {name: (estimates, gap) for name, estimates, gap, _ in rows}
-    assert [averaged for *_, averaged in rows] == [None, None, 2]
-    assert by_name["a"][1].startswith("0.50 [") and by_name["b"][1].startswith("1.00 [")
-    assert any(line.startswith("| **average** (2 tasks) |") for line in _gap_closed(rows))
-    estimates, gap = by_name["average"]
+    table = gap_closed(cells, ["a", "b"], "8", [TaskGroup("average", ["a", "b"])])
+    assert [g.tasks_averaged for g in table.per_task.values()] == [None, None]
+    assert list(table.per_group) == ["average"] and table.per_group["average"].tasks_averaged == 2
+    assert table.headline() is table.per_group["average"]
+    assert fmt_gap(table.per_task["a"]).startswith("0.50 [") and fmt_gap(table.per_task["b"]).startswith("1.00 [")
+    lines = sections.gap_closed(context_of(tmp_path, cells))
+    assert any(line.startswith("| **average** (2 tasks) |") for line in lines)
+    estimates, gap = table.per_group["average"].estimates, fmt_gap(table.per_group["average"])
     assert [round(e.value, 3) for e in estimates] == [0.3, 0.55, 0.7]
-    assert all(e.low < e.value < e.high for e in estimates) and all("[" in _fmt(e) for e in estimates)
+    assert all(e.low < e.value < e.high for e in estimates) and all("[" in fmt(e) for e in estimates)
     value, low, high = (float(x) for x in gap.replace("[", "").replace("]", "").replace(",", "").split())
     assert value in (0.62, 0.63) and low < value < high  # 0.625 to two places
 
 
-def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed():
-    from manyicl.report import _flagged
+def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed(tmp_path):
+    from manyicl.reporting.analysis import load_cells
+    from manyicl.reporting.context import build_context
+    from manyicl.reporting.sections import collapsed_cells
 
     def record(method, seed, collapsed):
-        return {"method": method, "task": "rte", "shots_requested": 8, "seed": seed, "collapsed": collapsed,
-                "prediction_counts": {"no": 10} if collapsed else {"no": 5, "yes": 5},
-                "gold_counts": {"no": 5, "yes": 5}}
+        return cell_record(method=method, task="rte", shots_requested=8, seed=seed, collapsed=collapsed,
+                           prediction_counts={"no": 10} if collapsed else {"no": 5, "yes": 5},
+                           gold_counts={"no": 5, "yes": 5})
 
-    lines = _flagged([record("base", 0, True), record("base", 1, True), record("manyicl", 0, False),
-                      record("manyicl", 1, True)])
+    records = [record("base", 0, True), record("base", 1, True), record("manyicl", 0, False),
+               record("manyicl", 1, True)]
+    lines = collapsed_cells(build_context(tmp_path, records, load_cells(tmp_path, records)))
     assert "| rte | 2 of 2 | 1 of 2 |" in lines
     assert sum(line.startswith("| base | rte |") or line.startswith("| manyicl | rte |") for line in lines) == 3
 
 
-def test_shot_scaling_table_gives_the_average_per_shot_count_and_the_gain_over_zero_shots():
-    from manyicl.report import Cell, _shot_scaling
+def test_shot_scaling_table_gives_the_average_per_shot_count_and_the_gain_over_zero_shots(tmp_path):
+    from manyicl.reporting.analysis import Cell
+    from manyicl.reporting.sections import shot_scaling
 
     def cell(k, correct, seeds):
-        record = {"method": "base", "task": "t", "shots_requested": k, "shots": k, "seed": 0, "metric": "accuracy",
-                  "family": "classification", "role": "held_out"}
+        record = cell_record(shots_requested=k, shots=k, n=100)
         return Cell([record], {s: np.array([[1.0]] * correct + [[0.0]] * (100 - correct)) for s in seeds})
 
     cells = {("base", "t", "0"): cell(0, 20, (0,)), ("base", "t", "8"): cell(8, 60, (0, 1))}
-    results = [{"shots_requested": 0, "role": "held_out"}, {"shots_requested": 8, "role": "held_out"}]
-    lines = _shot_scaling(cells, ["base"], ["t"], results, "8")
+    lines = shot_scaling(context_of(tmp_path, cells))
     row = next(line for line in lines if line.startswith("| base |"))
     assert row.startswith("| base | 0.200 [") and "| 0.600 [" in row and "**+0.400 [" in row

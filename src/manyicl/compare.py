@@ -22,7 +22,6 @@ from typing import Any
 
 import click
 
-from manyicl.budget_report import BUDGETS_DIR  # budgets/step-<N>/: the checkpoints' results
 from manyicl.catalog import check_split, evaluation_tasks, task_name
 from manyicl.config import ExperimentConfig, drop_speed_settings, dump_config
 from manyicl.errors import ManyICLError
@@ -30,7 +29,8 @@ from manyicl.evaluation import run_evaluation
 from manyicl.evaluation.runner import check_contexts
 from manyicl.files import clear_folder, write_atomic
 from manyicl.methods import METHODS, MIXTURE_METHODS
-from manyicl.report import summary_table
+from manyicl.reporting import summary_table
+from manyicl.reporting.budget import BUDGETS_DIR  # budgets/step-<N>/: the checkpoints' results
 from manyicl.runlock import LOCK_NAME, run_lock
 from manyicl.sequences import OBJECTIVES
 
@@ -226,7 +226,7 @@ def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwr
         return None
 
     from manyicl.model_card import card_from_run
-    from manyicl.report import method_summaries, write_report
+    from manyicl.reporting import method_summaries, write_report
 
     report = write_report(out)
     for method, lines in method_summaries(out).items():  # each fine-tune's model card gets its evaluation

@@ -12,17 +12,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from manyicl.errors import ManyICLError
 from manyicl.evaluation.backend_hf import hf_backend
-from manyicl.evaluation.cells import evaluate_cell
+from manyicl.evaluation.cells import CellOutput, evaluate_cell
 from manyicl.evaluation.curves import curves_left, run_curves
 from manyicl.evaluation.prompting import Prompter, check_shots, shot_budget
+from manyicl.evaluation.records import CellRecord, cell_key, read_cell_records, records_json, write_cell_records
 from manyicl.families import FAMILIES
-from manyicl.files import read_records, write_atomic
+from manyicl.files import write_atomic
 from manyicl.metrics import rouge_setup
 from manyicl.models import check_adapter
 from manyicl.runlock import run_lock
@@ -38,15 +39,6 @@ class PlannedCell:
     queries: list[Example]
     shots: int | str  # as requested
     seed: int
-
-
-def cell_key(method: str, model: str, adapter: str | None, task: str, shots: Any, seed: int) -> tuple:
-    """The one identity of a cell, for planning and for records read back from results.json."""
-    return (method, model, adapter, task, str(shots), seed)
-
-
-def record_key(r: dict) -> tuple:
-    return cell_key(r["method"], r["model"], r.get("adapter"), r["task"], r["shots_requested"], r["seed"])
 
 
 def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], multiple_choice: str = "cloze") -> None:
@@ -78,8 +70,8 @@ def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
                            f"lower evaluation.max_tokens or the max@ shots")
 
 
-def load_results(path: Path) -> list[dict]:
-    return read_records(path, "start the evaluation again")
+def load_results(path: Path) -> list[CellRecord]:
+    return read_cell_records(path, "start the evaluation again")
 
 
 def _ranks() -> tuple[int, int]:
@@ -107,7 +99,8 @@ def run_evaluation(
     loaded: tuple[Any, Any] | None = None,
     shots: list[Any] | None = None,
 ) -> list[dict]:
-    """Evaluate every (task, shots, seed) cell not already in ``<output_dir>/results.json``.
+    """Evaluate every (task, shots, seed) cell not already in ``<output_dir>/results.json``; returns every record of
+    that file, as it holds them (records.CellRecord.to_json).
 
     ``tasks`` pairs each task with its role ("held_out", "forgetting" or "in_distribution"). With
     ``evaluation.learning_curve`` the held-out and in-distribution tasks also get their learning curves
@@ -121,8 +114,6 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
               output_dir: str | Path | None, loaded: tuple[Any, Any] | None, shots: list[Any] | None) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from manyicl.models import for_inference, load_model, load_tokenizer
-
     ev = config.evaluation
     out = Path(output_dir or config.output_dir)
     results_path = out / "results.json"
@@ -130,24 +121,12 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
     model_name = config.model.name
     rank, world = _ranks()
 
-    # plan and validate everything before any model work or any write
-    plan: list[PlannedCell] = []
-    role_shots = {"held_out": shots or ev.shots, "forgetting": ev.forgetting_shots,
-                  "in_distribution": ev.in_distribution_shots}
-    for task, role in tasks:
-        queries = task.test[: ev.max_queries] if ev.max_queries else task.test
-        if not queries:
-            raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
-        check_golds(task, queries, tuple(task.labels or ()), config.format.multiple_choice)
-        for k in role_shots[role]:
-            check_shots(task, shot_budget(k, max_tokens)[0])
-            # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
-            plan += [PlannedCell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
+    plan = _plan(config, tasks, max_tokens, shots)  # validated before any model work or any write
     keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
     results = load_results(results_path)
     if world == 1 and _partials(out):  # records of an interrupted multi-rank run
         results = _fold_partials(out, results_path, results, keys)
-    done = {record_key(r) for r in results} | {record_key(r) for p in _partials(out) for r in load_results(p)}
+    done = {r.key for r in results} | {r.key for p in _partials(out) for r in load_results(p)}
     todo = [c for c, key in zip(plan, keys) if key not in done]
     curve_tasks = [(t, role) for t, role in tasks if role in CURVE_ROLES] if ev.learning_curve else []
     if adapter and (todo or curves_left([t for t, _ in curve_tasks], out, method, model_name, adapter, max_tokens,
@@ -158,22 +137,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
     check_contexts(config, shots)
     mine = todo[rank::world]
 
-    loaded_now: list[tuple[Any, Any]] = []
-
-    def model_and_tokenizer() -> tuple[Any, Any]:
-        """Loaded once, and only when a cell or a curve is left to measure."""
-        if not loaded_now:
-            model, tokenizer = loaded or (None, None)
-            if model is None:
-                tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
-                # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
-                model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
-            model.eval()
-            if torch.cuda.is_available():  # one GPU per rank under accelerate launch
-                model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-            loaded_now.append((model, tokenizer))
-        return loaded_now[0]
-
+    model_and_tokenizer = _model_loader(config, adapter, loaded)
     if mine:
         model, tokenizer = model_and_tokenizer()
         longest = max(shot_budget(c.shots, max_tokens)[1] for c in mine)
@@ -185,7 +149,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         same_prompts: dict[tuple, tuple[Any, Any]] = {}
         for cell in tqdm(mine, desc=f"eval {method}", unit="cell", dynamic_ncols=True, disable=rank != 0):
             own.append(_run_cell(config, cell, backend, tokenizer, max_tokens, method, adapter, out, same_prompts))
-            write_atomic(own_path, json.dumps(own, indent=1, ensure_ascii=False))
+            write_cell_records(own_path, own)
     if world > 1:
         import torch.distributed as dist
 
@@ -201,23 +165,65 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         import torch.distributed as dist
 
         dist.barrier()
-    return results
+    return records_json(results)
 
 
-def _fold_partials(out: Path, results_path: Path, results: list[dict], keys: list[tuple]) -> list[dict]:
+def _plan(config: Any, tasks: list[tuple[Task, str]], max_tokens: int, shots: list[Any] | None) -> list[PlannedCell]:
+    """Every (task, shots, seed) cell of the evaluation, each task's golds and shot counts checked."""
+    ev = config.evaluation
+    plan: list[PlannedCell] = []
+    role_shots = {"held_out": shots or ev.shots, "forgetting": ev.forgetting_shots,
+                  "in_distribution": ev.in_distribution_shots}
+    for task, role in tasks:
+        queries = task.test[: ev.max_queries] if ev.max_queries else task.test
+        if not queries:
+            raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
+        check_golds(task, queries, tuple(task.labels or ()), config.format.multiple_choice)
+        for k in role_shots[role]:
+            check_shots(task, shot_budget(k, max_tokens)[0])
+            # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
+            plan += [PlannedCell(task, role, queries, k, seed) for seed in (ev.seeds[:1] if k == 0 else ev.seeds)]
+    return plan
+
+
+def _model_loader(config: Any, adapter: str | None,
+                  loaded: tuple[Any, Any] | None) -> Callable[[], tuple[Any, Any]]:
+    """(model, tokenizer), loaded at the first call, and only then: when a cell or a curve is left to measure."""
+    from manyicl.models import for_inference, load_model, load_tokenizer
+
+    loaded_now: list[tuple[Any, Any]] = []
+    model_name = config.model.name
+
+    def model_and_tokenizer() -> tuple[Any, Any]:
+        if not loaded_now:
+            model, tokenizer = loaded or (None, None)
+            if model is None:
+                tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
+                # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
+                model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
+            model.eval()
+            if torch.cuda.is_available():  # one GPU per rank under accelerate launch
+                model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+            loaded_now.append((model, tokenizer))
+        return loaded_now[0]
+
+    return model_and_tokenizer
+
+
+def _fold_partials(out: Path, results_path: Path, results: list[CellRecord], keys: list[tuple]) -> list[CellRecord]:
     """Append the ranks' records to results.json in plan order (as one process would have), then drop them."""
-    new = {record_key(r): r for p in _partials(out) for r in load_results(p)}
-    have, planned = {record_key(r) for r in results}, set(keys)
+    new = {r.key: r for p in _partials(out) for r in load_results(p)}
+    have, planned = {r.key for r in results}, set(keys)
     results = results + [new[k] for k in keys if k in new and k not in have]
     results += [r for k, r in new.items() if k not in have and k not in planned]  # cells of another plan: kept
-    write_atomic(results_path, json.dumps(results, indent=1, ensure_ascii=False))
+    write_cell_records(results_path, results)
     for p in _partials(out):
         p.unlink()
     return results
 
 
 def _run_cell(config: Any, cell: PlannedCell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
-              adapter: str | None, out: Path, same_prompts: dict | None = None) -> dict:
+              adapter: str | None, out: Path, same_prompts: dict | None = None) -> CellRecord:
     ev, task = config.evaluation, cell.task
     shots, max_tokens = shot_budget(cell.shots, max_tokens)
     prompter = Prompter(task, tokenizer, config.format.formatter(task, tokenizer), max_tokens,
@@ -237,22 +243,27 @@ def _run_cell(config: Any, cell: PlannedCell, backend: Any, tokenizer: Any, max_
                     "metric_row": row, **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
         for p, row in zip(output.predictions, output.rows)
     ))
-    record = {
-        "model": config.model.name, "adapter": adapter, "method": method, "role": cell.role, "task": task.name,
-        "family": task.family, "metric": task.metric, "shots": output.shots, "shots_requested": cell.shots,
-        "seed": cell.seed, "value": output.metrics["value"], "ci_low": output.ci_low, "ci_high": output.ci_high,
-        "metrics": output.metrics, "n": len(cell.queries), "skipped": output.skipped,
-        "prefix_tokens": output.prefix_tokens, "max_tokens": max_tokens, "answer_form": output.answer_form,
-    }
-    if prompter.ranked:
-        record["scoring"] = ev.scoring
-    if task.metric == "rouge_l":
-        record["metric_setup"] = rouge_setup(task.language)
-    if prompter.family.label_set:
-        record.update(demo_labels=output.demo_labels, prediction_counts=output.prediction_counts,
-                      gold_counts=output.gold_counts, collapsed=output.collapsed)
-    record.update(predictions=predictions.as_posix(), prefix_cache=ev.prefix_cache, backend=type(backend).__name__,
-                  seconds=0.0 if reused_from is not None else round(output.seconds, 2))
-    if reused_from is not None:  # the same demonstrations and queries as that cell: its outputs, not a new run
-        record["same_prompts_as"] = reused_from
-    return record
+    return _record(config, cell, output, prompter, method, adapter, predictions=predictions.as_posix(),
+                   backend=type(backend).__name__, reused_from=reused_from)
+
+
+def _record(config: Any, cell: PlannedCell, output: CellOutput, prompter: Prompter, method: str, adapter: str | None,
+            *, predictions: str, backend: str, reused_from: int | str | None) -> CellRecord:
+    """The one place a cell's outputs become its record; ``reused_from``: the shots of the earlier cell with the same
+    demonstrations and queries, whose outputs these are (None: measured here)."""
+    ev, task = config.evaluation, cell.task
+    label_set = prompter.family.label_set  # only these have label histograms
+    return CellRecord(
+        model=config.model.name, adapter=adapter, method=method, role=cell.role, task=task.name, family=task.family,
+        metric=task.metric, shots=output.shots, shots_requested=cell.shots, seed=cell.seed,
+        value=output.metrics["value"], ci_low=output.ci_low, ci_high=output.ci_high, metrics=output.metrics,
+        n=len(cell.queries), skipped=output.skipped, prefix_tokens=output.prefix_tokens,
+        max_tokens=prompter.max_tokens, answer_form=output.answer_form,
+        scoring=ev.scoring if prompter.ranked else None,
+        metric_setup=rouge_setup(task.language) if task.metric == "rouge_l" else None,
+        demo_labels=output.demo_labels if label_set else None,
+        prediction_counts=output.prediction_counts if label_set else None,
+        gold_counts=output.gold_counts if label_set else None, collapsed=output.collapsed if label_set else None,
+        predictions=predictions, prefix_cache=ev.prefix_cache, backend=backend,
+        seconds=0.0 if reused_from is not None else round(output.seconds, 2), same_prompts_as=reused_from,
+    )
