@@ -1,4 +1,4 @@
-"""Why and at what threshold `training.release_freed_memory` (src/manyicl/memory.py) serves blocks with mmap.
+"""Why and at what threshold `training.release_freed_memory` (src/manyicl/training/memory.py) serves blocks with mmap.
 
 1. Heap after a gradient-checkpointed forward of a 4096-token many_shot_all sequence (embedded default, LoRA):
    bytes in use vs free-but-held (glibc mallinfo2), and RSS before/after malloc_trim(0).
@@ -34,11 +34,11 @@ def setup(data: str, length: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from manyicl.data import collate
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
+    from manyicl.training.mixture import collate
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
@@ -60,7 +60,7 @@ def setup(data: str, length: int):
 
 
 def heap(data: str) -> dict:
-    from manyicl.loss import target_only_loss
+    from manyicl.training.loss import target_only_loss
 
     model, batch = setup(data, 4096)
     libc = ctypes.CDLL("libc.so.6")
@@ -76,8 +76,8 @@ def heap(data: str) -> dict:
 def step_time(data: str, threshold: int, steps: int = 2) -> dict:
     import torch
 
-    from manyicl.loss import target_only_loss
-    from manyicl.memory import release_freed_memory
+    from manyicl.training.loss import target_only_loss
+    from manyicl.training.memory import release_freed_memory
 
     if threshold:
         release_freed_memory(threshold)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from manyicl.precision import cpu_has_fast_bf16, resolve_precision
+from manyicl.training.precision import cpu_has_fast_bf16, resolve_precision
 
 
 def gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:

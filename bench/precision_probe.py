@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from manyicl.data import collate
 from manyicl.formatter import Formatter
-from manyicl.loss import target_only_loss
 from manyicl.models import load_model, load_tokenizer
-from manyicl.precision import MARGIN, cpu_has_fast_bf16, keep_lora_sums_fp32, measure_cpu_precision
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
+from manyicl.training.loss import target_only_loss
+from manyicl.training.mixture import collate
+from manyicl.training.precision import MARGIN, cpu_has_fast_bf16, keep_lora_sums_fp32, measure_cpu_precision
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

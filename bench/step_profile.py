@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from manyicl.data import collate
 from manyicl.formatter import Formatter
-from manyicl.loss import target_only_loss
 from manyicl.models import load_model, load_tokenizer
-from manyicl.precision import keep_lora_sums_fp32
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
+from manyicl.training.loss import target_only_loss
+from manyicl.training.mixture import collate
+from manyicl.training.precision import keep_lora_sums_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ Paths over IDENTICAL sst2 sequences (shared/data), at 1024 and 4096 tokens:
   (b) many_shot_last — target-only loss on the last answer only (the baseline objective)
   (c) plain          — transformers' full-logits loss, labels = -100 outside the answers
   (z) packed zero-shot — isolated one-example units packed up to the length, attention within each unit
-                       (src/manyicl/packing.py); (zd) the same rows through transformers' dense block mask
+                       (src/manyicl/training/packing.py); (zd) the same rows through transformers' dense block mask
 (b) differs from (a) only in how many answers it supervises, so it runs at the short length only.
 Precision: the rows above run fp32 (``training.precision: fp32``); (a) runs again with bf16 autocast
 (``precision: bf16``, what auto picks on a CPU with AVX-512 BF16) at both lengths, and (z)/(zd) run in both
@@ -15,7 +15,7 @@ bf16_loss_diff: 30 steps of (a) at the short length in fp32 and in bf16 on the s
 LoRA initialisation, mean over steps of |loss_bf16 - loss_fp32| / loss_fp32.
 At the long length (a) and (c) also run with gradient checkpointing, the setting for long sequences, first with
 glibc's default allocator, then as `manyicl train` runs them on CPU (freed blocks returned to the OS, see
-src/manyicl/memory.py): with the default allocator, freed activations stay in the heap and hide what the
+src/manyicl/training/memory.py): with the default allocator, freed activations stay in the heap and hide what the
 target-only loss saves. Each configuration runs in its own process so peak memory (ru_maxrss) is not shared.
 
     python bench/train_throughput.py [--steps 2] [--data ../shared/data]
@@ -59,15 +59,15 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from manyicl.data import collate
     from manyicl.formatter import Formatter
-    from manyicl.loss import full_logits_loss, target_only_loss
-    from manyicl.memory import release_freed_memory
     from manyicl.models import load_model, load_tokenizer
-    from manyicl.packing import packed_attention
-    from manyicl.precision import keep_lora_sums_fp32
     from manyicl.sequences import SequenceBuilder
     from manyicl.tasks import load_task_dir
+    from manyicl.training.loss import full_logits_loss, target_only_loss
+    from manyicl.training.memory import release_freed_memory
+    from manyicl.training.mixture import collate
+    from manyicl.training.packing import packed_attention
+    from manyicl.training.precision import keep_lora_sums_fp32
 
     if release and not release_freed_memory():
         raise SystemExit("release_freed_memory does not apply on this platform (needs Linux with glibc)")

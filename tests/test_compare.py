@@ -185,7 +185,7 @@ def test_compare_refuses_a_different_config(tiny_model_dir, tmp_path):
 def test_compare_keeps_one_precision_across_methods(tiny_model_dir, tmp_path, monkeypatch):
     """auto may resolve differently when a run goes on elsewhere (or be measured differently): the methods still
     to train get the finished ones' precision, and an explicit other precision is refused before any work."""
-    from manyicl import precision
+    from manyicl.training import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     out = tmp_path / "run"

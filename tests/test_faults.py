@@ -23,7 +23,7 @@ from manyicl.cli import main
 from manyicl.config import ExperimentConfig
 from manyicl.files import os_error_message
 from manyicl.runlock import LOCK_NAME
-from manyicl.train import train
+from manyicl.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD_LOCK = """

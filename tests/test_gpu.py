@@ -66,7 +66,7 @@ def test_bf16_training_steps_track_fp32(small_model_dir, tmp_path):
     """The same 20 LoRA steps in bf16 autocast and in fp32 (the trainable weights fp32 in both): loss curves within
     3 % on average, as measured on CPU (docs/TRAINING.md)."""
     from manyicl.config import ExperimentConfig
-    from manyicl.train import train
+    from manyicl.training import train
 
     losses = {}
     for precision in ("fp32", "bf16"):

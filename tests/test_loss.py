@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from manyicl.data import collate
-from manyicl.loss import full_logits_loss, target_only_loss
+from manyicl.training.loss import full_logits_loss, target_only_loss
+from manyicl.training.mixture import collate
 
 
 def batch_of(vocab, lengths, seed=0):

@@ -13,10 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from manyicl.checkpoints import config_hash
 from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
-from manyicl.train import train
+from manyicl.training import train
+from manyicl.training.checkpoints import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_outputs(reference_run, tiny_model_dir):
 KILL_AT_STEP = """
     import os, signal, yaml
     from transformers import TrainerCallback
-    import manyicl.train as T
+    import manyicl.training.recipe as T
     from manyicl.config import ExperimentConfig
 
     class Kill(TrainerCallback):
@@ -87,7 +87,7 @@ KILL_AT_STEP = """
 KILL_DURING_SAVE = """
     import os, signal, yaml
     from transformers import Trainer
-    import manyicl.train as T
+    import manyicl.training.recipe as T
     from manyicl.config import ExperimentConfig
 
     original = Trainer._save_rng_state
@@ -144,7 +144,7 @@ def test_gradient_checkpointing_same_run_and_memory_released(reference_run, tiny
 
 MMAPPED_AFTER_FREE = """
     import ctypes, sys, torch
-    from manyicl.memory import release_freed_memory
+    from manyicl.training.memory import release_freed_memory
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t)
@@ -227,6 +227,32 @@ def test_existing_run_and_bad_checkpoints(reference_run, tiny_model_dir, data_di
         train(ExperimentConfig.model_validate(cfg), resume=True)
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_refuses_a_checkpoint_of_another_model_under_the_same_name(llama_tokenizer, data_dir, tmp_path,
+                                                                          finetune):
+    """The config hash names the model, not its weights: a model replaced under the same path (a local folder
+    rewritten, a Hub id updated) is refused in one line before training, from the shapes in the checkpoint."""
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "model"
+
+    def save_model(hidden):
+        tiny_model(len(llama_tokenizer), hidden=hidden).save_pretrained(model_dir)
+        llama_tokenizer.save_pretrained(model_dir)
+
+    save_model(64)
+    out = tmp_path / "run"
+    cfg = ExperimentConfig.model_validate(tiny_config(model_dir, data_dir, out, max_steps=3, save_steps=3,
+                                                      finetune=finetune, precision="fp32"))
+    train(cfg)
+    (out / "train_summary.json").unlink()  # as if it had stopped after its checkpoint
+    save_model(32)
+    with pytest.raises(ManyICLError, match=r"checkpoint-3: cannot resume from this checkpoint, it does not match this "
+                                           r"model \(\S+ is \[[0-9, ]+\] there, \[[0-9, ]+\] here\); resume with the "
+                                           r"model it was trained from, or use --overwrite$"):
+        train(cfg, resume=True)
+
+
 def test_resume_before_the_first_checkpoint_starts_again(reference_run, tiny_model_dir, data_dir, tmp_path):
     """A run stopped before it saved anything (config.yaml, a few logged steps, no checkpoint) has nothing to lose:
     resuming starts it again and gives the uninterrupted run; a different config in that folder is still refused."""
@@ -271,7 +297,7 @@ def test_every_mixture_task_gets_its_quota(tiny_model_dir, data_dir, tmp_path):
 
 
 def test_mixture_quotas_round_by_largest_remainder_with_one_each():
-    from manyicl.data import mixture_quotas
+    from manyicl.training.mixture import mixture_quotas
 
     assert mixture_quotas({"a": 0.5, "b": 0.3, "c": 0.2}, 7) == {"a": 4, "b": 2, "c": 1}  # 3.5, 2.1, 1.4
     assert mixture_quotas({"a": 0.98, "b": 0.01, "c": 0.01}, 10) == {"a": 8, "b": 1, "c": 1}  # the minimum of one

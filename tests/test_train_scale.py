@@ -13,16 +13,16 @@ import yaml
 from transformers import TrainerCallback
 
 from conftest import tiny_config, tiny_model
-from manyicl import train as train_module
 from manyicl.config import ExperimentConfig
-from manyicl.data import collate
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
-from manyicl.loss import supervised_count, target_only_loss
-from manyicl.packing import isolating_mask, packed_attention, packed_isolation, unit_bounds
 from manyicl.sequences import SequenceBuilder
 from manyicl.tasks import load_task_dir
-from manyicl.train import train
+from manyicl.training import recipe as train_module
+from manyicl.training import train
+from manyicl.training.loss import supervised_count, target_only_loss
+from manyicl.training.mixture import collate
+from manyicl.training.packing import isolating_mask, packed_attention, packed_isolation, unit_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ TWO_RANKS = """
     sys.path.insert(0, {tests!r})
     from test_train_scale import GradientsAtFirstStep
     from manyicl.config import ExperimentConfig
-    from manyicl.train import train
+    from manyicl.training import train
     for path, grads in zip(sys.argv[1::2], sys.argv[2::2]):
         train(ExperimentConfig.model_validate(yaml.safe_load(open(path))), callbacks=[GradientsAtFirstStep(grads)])
 """
@@ -150,7 +150,7 @@ class Bf16Probe(TrainerCallback):
 
 
 def test_bf16_autocast_keeps_trainable_weights_fp32(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from manyicl import precision
+    from manyicl.training import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # autocast runs on any CPU, only slower
     probe = Bf16Probe()
@@ -174,7 +174,7 @@ def test_bf16_lora_update_below_rounding_step_reaches_the_output():
     keep_lora_sums_fp32 adds it in fp32, so the forward sees it (and still multiplies in bf16)."""
     from peft import LoraConfig, get_peft_model
 
-    from manyicl.precision import keep_lora_sums_fp32
+    from manyicl.training.precision import keep_lora_sums_fp32
 
     torch.manual_seed(0)
     x = torch.randn(4, 64)
@@ -203,8 +203,8 @@ def test_bf16_lora_update_below_rounding_step_reaches_the_output():
 
 
 def test_precision_auto_and_bf16_requests(monkeypatch):
-    from manyicl import precision
     from manyicl.errors import ManyICLError
+    from manyicl.training import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
@@ -224,7 +224,7 @@ def test_precision_auto_and_bf16_requests(monkeypatch):
 def test_auto_on_a_cpu_with_bf16_is_measured_cached_and_recorded(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     """auto on a CPU with AVX-512 BF16 / AMX: both precisions timed on the loaded model, bf16 only where it takes
     at most 90 % of fp32's time; measured once per CPU and shape (cached), printed, and in train_summary.json."""
-    from manyicl import precision
+    from manyicl.training import precision
 
     monkeypatch.setenv("MANYICL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -247,9 +247,9 @@ def test_auto_on_a_cpu_with_bf16_is_measured_cached_and_recorded(tiny_model_dir,
 
 def test_resume_refuses_another_precision(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     """auto may resolve differently on another machine: a run resumes in the precision its checkpoints were made in."""
-    from manyicl import precision
-    from manyicl.checkpoints import CHECKPOINT_MARKER
     from manyicl.errors import ManyICLError
+    from manyicl.training import precision
+    from manyicl.training.checkpoints import CHECKPOINT_MARKER
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     out = tmp_path / "run"

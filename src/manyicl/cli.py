@@ -123,7 +123,7 @@ _set_option = click.option(
 def train(config, overrides, resume, overwrite) -> None:
     """Fine-tune once over the meta-train mixture (ManyICL by default; any objective for the baselines)."""
     from manyicl.config import load_config
-    from manyicl.train import train as run_training
+    from manyicl.training import train as run_training
 
     result = run_training(load_config(config, list(overrides)), resume=resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":

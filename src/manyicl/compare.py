@@ -77,7 +77,7 @@ def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
     """The precision the finished fine-tunes of this run were trained in, which the ones still to train must share
     so that the methods are compared at one precision (``auto`` may resolve differently on another machine, or be
     measured differently). An explicit ``training.precision`` that differs from it is refused."""
-    from manyicl.precision import training_precision
+    from manyicl.training.precision import training_precision
 
     trained: dict[str, Path] = {}
     for summary in sorted((out / "train").glob("**/train_summary.json")):
@@ -89,7 +89,7 @@ def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
                            f"group with training.precision set, or use --overwrite")
     (precision, folder), = trained.items()
     asked = config.training.precision
-    if asked != "auto" and training_precision(config.training) != precision:
+    if asked != "auto" and training_precision(asked, config.training.dtype) != precision:
         raise ManyICLError(f"{folder}: trained in {precision}, but this run asks for training.precision {asked}; set "
                            f"training.precision: {precision} (or auto) to go on with this run, or use --overwrite")
     return precision
@@ -125,7 +125,7 @@ def train_stage(config: ExperimentConfig) -> Path:
     if (out / "train_summary.json").exists():
         click.echo(f"reusing {out}")
     else:
-        from manyicl.train import train  # the trainer (transformers.Trainer, accelerate) only when a stage trains
+        from manyicl.training import train  # the trainer (transformers.Trainer, accelerate) only when a stage trains
 
         train(config, resume=(out / "config.yaml").exists())
     return out / ("adapter" if config.training.finetune == "lora" else "model")
@@ -159,7 +159,7 @@ def evaluate_budgets(config: ExperimentConfig, tasks: list, method: str, out: Pa
     """A mixture fine-tune at each earlier budget point, from the checkpoint saved there: the held-out tasks at
     compare.budget_shots, and the learning curves of the held-out and in-distribution tasks, into
     budgets/step-<N>/ (a results.json and curves.json like the run's own; forgetting is measured at the end)."""
-    from manyicl.checkpoints import CHECKPOINT_MARKER
+    from manyicl.training.checkpoints import CHECKPOINT_MARKER
 
     if not steps:
         return

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from manyicl.errors import ManyICLError
 from manyicl.files import read_records, write_atomic
-from manyicl.loss import accepts_logits_to_keep
 from manyicl.sequences import IGNORE_INDEX, Sequence, SequenceBuilder
 from manyicl.tasks import Task
+from manyicl.training.loss import accepts_logits_to_keep
 
 CURVES_FILE = "curves.json"
 

@@ -4,15 +4,19 @@ run killed while saving resumes from the checkpoint before."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from manyicl.config import ExperimentConfig, drop_speed_settings, load_config
 from manyicl.errors import ManyICLError
-from manyicl.files import clear_folder, write_atomic
+from manyicl.files import clear_folder, disk_full, fsync_folder, with_path, write_atomic
 from manyicl.runlock import LOCK_NAME
 
 CHECKPOINT_MARKER = "manyicl_complete.json"  # written last: a checkpoint without it is incomplete
@@ -41,9 +45,14 @@ def _saved_config_hash(out: Path) -> str | None:
         return None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step of a checkpoint folder (``checkpoint-<step>``, as the Trainer names them)."""
+    return int(checkpoint.name.split("-")[1])
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     done = [p for p in checkpoints.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return max(done, key=checkpoint_step, default=None)
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, chash: str) -> Path | None:
@@ -105,6 +114,60 @@ def check_readable(checkpoint: Path) -> None:
         raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it is corrupt "
                            f"({str(e).splitlines()[0][:160]}); "
                            f"delete it to resume from an earlier one, or use --overwrite") from None
+
+
+def check_matches_model(checkpoint: Path, model: Any) -> None:
+    """The checkpoint's weights have this model's shapes, read from the safetensors headers before any training
+    work. The config hash names the model but cannot see it change under that name (a local folder replaced, a Hub
+    id updated); loading such a checkpoint would fail inside the Trainer, in ``load_state_dict``."""
+    from safetensors import safe_open
+
+    expected = {name: list(tensor.shape) for name, tensor in _resumed_state(model).items()}
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            for name in f.keys():
+                saved = list(f.get_slice(name).get_shape())
+                if name in expected and saved != expected[name]:
+                    raise ManyICLError(f"{checkpoint}: cannot resume from this checkpoint, it does not match this "
+                                       f"model ({name} is {saved} there, {expected[name]} here); resume with the "
+                                       "model it was trained from, or use --overwrite")
+
+
+def _resumed_state(model: Any) -> dict[str, Any]:
+    """What the Trainer loads back into ``model`` from a checkpoint, under the names it is saved with: the adapter's
+    weights of a PEFT model, every weight of a fully fine-tuned one."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+
+
+def resumed_task_counts(checkpoint: Path) -> dict[str, dict[str, int]]:
+    """Sequences and answers per task up to the checkpoint (summed over ranks), which a resumed run continues."""
+    return json.loads((checkpoint / TASK_COUNTS).read_text())
+
+
+def mark_complete(folder: Path, step: int, chash: str, precision: str, task_counts: dict) -> None:
+    """The checkpoint in ``folder`` counts from here on: the per-task counts, then the marker, once everything
+    before it is on disk."""
+    fsync_folder(folder)
+    write_atomic(folder / TASK_COUNTS, json.dumps(task_counts))
+    write_atomic(folder / CHECKPOINT_MARKER, json.dumps({"step": step, "config": chash, "precision": precision}))
+
+
+@contextmanager
+def saving(folder: Path) -> Iterator[None]:
+    """A library's save into ``folder``: a partial folder is removed, and a full disk reported as such (torch and
+    safetensors raise their own error types for it, with no path)."""
+    try:
+        yield
+    except Exception as e:
+        full = not isinstance(e, OSError) and disk_full(folder.parent)  # asked before the partial folder goes
+        shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
+        if isinstance(e, OSError):
+            raise with_path(e, folder) from e
+        raise
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -13,19 +13,16 @@ from typing import Any
 
 import torch
 
-from manyicl.config import ExperimentConfig
+from manyicl.config import FormatConfig
 from manyicl.sequences import IGNORE_INDEX, SequenceBuilder
 from manyicl.tasks import Task
 
 
-def make_builders(config: ExperimentConfig, tasks: list[Task], tokenizer: Any) -> dict[str, SequenceBuilder]:
-    tr = config.training
-    builders = {}
-    for task in tasks:
-        builders[task.name] = SequenceBuilder(
-            task, tokenizer, config.format.formatter(task, tokenizer), tr.max_tokens, tr.objective, tr.n_shots
-        )
-    return builders
+def make_builders(tasks: list[Task], tokenizer: Any, fmt: FormatConfig, max_tokens: int, objective: str,
+                  n_shots: int) -> dict[str, SequenceBuilder]:
+    """One builder per task: its sequences of ``max_tokens`` under ``objective``, in the task's one formatter."""
+    return {task.name: SequenceBuilder(task, tokenizer, fmt.formatter(task, tokenizer), max_tokens, objective, n_shots)
+            for task in tasks}
 
 
 def mixture_weights(tasks: list[Task], temperature: float, cap: int | None) -> dict[str, float]:

@@ -72,13 +72,14 @@ def resolve_precision(requested: str, weights_dtype: Any = None) -> str:
     return requested
 
 
-def training_precision(training: Any) -> str | None:
-    """The precision a run with this ``training`` config resolves to here, without loading the model; None where
-    ``auto`` is decided by a measurement not made yet (``needs_measurement``)."""
+def training_precision(requested: str, weights_dtype: str = "auto") -> str | None:
+    """The precision a run asking for ``requested`` (``training.precision``), its weights loaded in ``weights_dtype``
+    (``training.dtype``), resolves to here, without loading the model; None where ``auto`` is decided by a
+    measurement not made yet (``needs_measurement``)."""
     from manyicl.models import default_dtype
 
-    dtype = default_dtype() if training.dtype == "auto" else getattr(torch, training.dtype)
-    return None if needs_measurement(training.precision, dtype) else resolve_precision(training.precision, dtype)
+    dtype = default_dtype() if weights_dtype == "auto" else getattr(torch, weights_dtype)
+    return None if needs_measurement(requested, dtype) else resolve_precision(requested, dtype)
 
 
 # ---------------------------------------------------------------- auto on a CPU with bf16 instructions: measured
