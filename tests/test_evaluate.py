@@ -21,10 +21,12 @@ from manyicl.tasks import load_task_dir
 
 def evaluate_both(model, tokenizer, task, shots, queries, max_tokens=1024, batch_tokens=256):
     """The same cell through the shared-prefix backend (small groups: several per cell) and the naive one."""
-    prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
-    demos = prompter.choose_demonstrations(shots, 0, False, queries)
+    def prompter():  # one per backend: neither reuses the other's calibration (Prompter.calibration)
+        return Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), max_tokens)
+
+    demos = prompter().choose_demonstrations(shots, 0, False, queries)
     backends = (SharedPrefixBackend(model, tokenizer, batch_tokens), NaiveBackend(model, tokenizer))
-    return [evaluate_cell(b, prompter, demos, queries) for b in backends]
+    return [evaluate_cell(b, prompter(), demos, queries) for b in backends]
 
 
 def assert_same(cached, naive, tolerance=1e-4):
@@ -117,12 +119,40 @@ def test_batch_composition_does_not_change_predictions(llama_tokenizer, data_dir
     demos = prompter.choose_demonstrations(4, 0, False, queries)
     grouped = evaluate_cell(SharedPrefixBackend(model, llama_tokenizer, batch_tokens=100_000), prompter, demos, queries)
     grouped_calls = len(calls)
+    prompter = Prompter(task, llama_tokenizer, Formatter.for_task(task, llama_tokenizer), 1024)  # calibrated anew
     alone = evaluate_cell(SharedPrefixBackend(model, llama_tokenizer, batch_tokens=1), prompter, demos, queries)
     assert_same(grouped, alone, tolerance=1e-5)
     if prompter.ranked:  # one forward for the prefix and ONE for all 32 queries with their candidates
         assert grouped_calls == 2 and len(calls) - grouped_calls == 1 + n + len(CONTENT_FREE_INPUTS)
     else:  # decoding steps are shared by the group: far fewer forwards than one query at a time
         assert grouped_calls < (len(calls) - grouped_calls) / 4
+
+
+def test_calibration_is_measured_once_per_prefix_and_equals_measuring_it_again(tiny, data_dir):
+    """A served task's later requests reuse its content-free scores: only their own queries are scored, and the
+    calibrated scores equal a fresh measurement's."""
+    model, tokenizer = tiny
+    task = load_task_dir(data_dir / "sst2")
+    backend = SharedPrefixBackend(model, tokenizer, 256)
+    scored = []
+    real_score = backend.score
+    backend.score = lambda prefix, queries, candidates: scored.append(len(queries)) or real_score(prefix, queries,
+                                                                                                 candidates)
+    prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), 1024)
+    demos = prompter.choose_demonstrations(4, 0, False, task.test[:5])
+    evaluate_cell(backend, prompter, demos, task.test[:3], "calibrated")
+    later = evaluate_cell(backend, prompter, demos, task.test[3:5], "calibrated")
+    assert scored == [3 + len(CONTENT_FREE_INPUTS), 2]
+    fresh = evaluate_cell(backend, Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), 1024), demos,
+                          task.test[3:5], "calibrated")
+    assert scored[-1] == 2 + len(CONTENT_FREE_INPUTS)
+    assert [p.prediction for p in later.predictions] == [p.prediction for p in fresh.predictions]
+    for a, b in zip(later.predictions, fresh.predictions):
+        for label, value in a.scores["calibrated"].items():
+            assert abs(value - b.scores["calibrated"][label]) < 1e-5
+    # another prefix (other demonstrations) is calibrated anew
+    evaluate_cell(backend, prompter, demos[:2], task.test[:1], "calibrated")
+    assert scored[-1] == 1 + len(CONTENT_FREE_INPUTS)
 
 
 def test_prefix_is_written_once_in_place(tiny, data_dir):

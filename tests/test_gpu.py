@@ -102,7 +102,9 @@ def test_shared_prefix_equals_naive(small_model_dir):
         prompter = Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), 1024)
         queries = task.test[:8]
         demos = prompter.choose_demonstrations(shots, 0, True, queries)
-        cached, naive = (evaluate_cell(b, prompter, demos, queries)
+        # a Prompter per backend: neither reuses the other's calibration
+        cached, naive = (evaluate_cell(b, Prompter(task, tokenizer, Formatter.for_task(task, tokenizer), 1024), demos,
+                                       queries)
                          for b in (SharedPrefixBackend(model, tokenizer, 256), NaiveBackend(model, tokenizer)))
         assert [p.prediction for p in cached.predictions] == [p.prediction for p in naive.predictions], name
         for a, b in zip(cached.predictions, naive.predictions):

@@ -13,7 +13,11 @@ import pytest
 from serve_helpers import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = os.environ.get("MANYICL_PAGE_SCREENSHOT")  # docs/SERVING.md's picture: set to a .png path
+# docs/SERVING.md's picture: MANYICL_PAGE_SCREENSHOT=docs/serve_page.png MANYICL_PAGE_MODEL=smollm2-135m
+# MANYICL_PAGE_DEMOS=<the first lines of sst2's train.jsonl> (by default: the tiny model and made-up samples)
+SCREENSHOT = os.environ.get("MANYICL_PAGE_SCREENSHOT")
+MODEL = os.environ.get("MANYICL_PAGE_MODEL")
+DEMOS = os.environ.get("MANYICL_PAGE_DEMOS")
 
 
 @pytest.mark.slow
@@ -24,7 +28,9 @@ def test_register_and_predict_through_the_page(tiny_model_dir, tmp_path):
         pytest.skip("no chromium on this machine: apt-get install chromium (scripts/test.sh does where it can)")
     demos = "\n".join(json.dumps({"input": f"sample {i} {'good' if i % 2 else 'bad'}",
                                   "output": "positive" if i % 2 else "negative"}) for i in range(12))
-    server = Server(tiny_model_dir, tmp_path / "state")
+    if DEMOS:
+        demos = Path(DEMOS).read_text()
+    server = Server(MODEL or tiny_model_dir, tmp_path / "state")
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -37,7 +43,8 @@ def test_register_and_predict_through_the_page(tiny_model_dir, tmp_path):
             page.click("#register")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('registered')")
             assert "registered reviews" in page.text_content("#status")
-            page.fill("#inputs", "a good sample\na bad one")
+            page.fill("#inputs", "a good sample\na bad one" if not DEMOS else
+                      "a gorgeous, witty film that never lets up\nthe plot is a tired mess and the jokes fall flat")
             page.click("#predict")
             page.wait_for_selector("tr.prediction")
             labels = page.locator("tr.prediction td.label").all_text_contents()

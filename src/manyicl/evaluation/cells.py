@@ -11,6 +11,7 @@ that is counted, never dropped from the denominator.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -25,6 +26,7 @@ from manyicl.metrics import METRICS, metric_rows, score
 from manyicl.tasks import Example
 from manyicl.uncertainty import cell_interval
 
+CALIBRATIONS_KEPT = 1024  # content-free scores kept per prompter (see rank_candidates)
 COLLAPSE_SHARE = 0.9  # one label takes at least this share of the predictions ...
 
 
@@ -69,12 +71,14 @@ def _answer_logprob(token_logprobs: list[float], encoded: EncodedQuery, k: int) 
 
 def rank_candidates(backend: Backend, prompter: Prompter, prefix: list[int], context: str, queries: list[Example],
          encoded: list[EncodedQuery]) -> list[dict[str, dict[str, float]]]:
-    """Every scoring of every candidate of every query, in one backend call (content-free queries included)."""
+    """Every scoring of every candidate of every query, in one backend call (content-free queries included the
+    first time a prefix meets a candidate list; prompter.calibration keeps their scores for the next calls)."""
+    known, key = prompter.calibration, hashlib.blake2b(np.asarray(prefix, dtype=np.int64).tobytes()).digest()
     # content-free queries once per distinct candidate list (one for a label set; per query for cloze choices)
     free: dict[tuple[str, ...], list[EncodedQuery]] = {}
     for q in queries:
         texts = tuple(prompter.candidates(q)[1])
-        if texts not in free:
+        if texts not in free and (key, texts) not in known:
             free[texts] = [prompter.encode_query(context, Example(x, "", choices=q.choices))
                            for x in CONTENT_FREE_INPUTS]
     extra = [e for group in free.values() for e in group]
@@ -84,6 +88,14 @@ def rank_candidates(backend: Backend, prompter: Prompter, prefix: list[int], con
     for texts, group in free.items():
         per_input = [[_answer_logprob(lp[k], e, k) for k in range(len(texts))] for e, lp in zip(group, free_logps)]
         baseline[texts] = [math.log(np.mean(np.exp([row[k] for row in per_input]))) for k in range(len(texts))]
+    for q in queries:
+        texts = tuple(prompter.candidates(q)[1])
+        if texts not in baseline:
+            baseline[texts] = known[(key, texts)]
+            known.move_to_end((key, texts))
+    known.update({(key, texts): values for texts, values in baseline.items()})
+    while len(known) > CALIBRATIONS_KEPT:
+        known.popitem(last=False)
     out = []
     for q, e, lp in zip(queries, encoded, logps):
         names, texts = prompter.candidates(q)
@@ -126,7 +138,7 @@ def evaluate_cell(backend: Backend, prompter: Prompter, demos: list[Example], qu
                       stacklevel=2)
     texts, golds = [p.prediction for p in predictions], [p.golds for p in predictions]
     output = CellOutput(len(demos), len(prefix), predictions, 0.0, skipped, answer_form=prompter.answer_form)
-    if queries:
+    if queries and all(q.output or q.answers for q in queries):  # (a served request's inputs have no golds)
         rows = metric_rows(task.metric, texts, golds, prompter.labels, task.language)
         interval = cell_interval(rows, METRICS[task.metric].from_means)
         output.metrics = score(task.metric, texts, golds, prompter.labels, task.language)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,10 @@ class Prompter:
         self._costs: dict[int, int] = {}
         self._prefixes: dict[tuple[Example, ...], list[int]] = {}
         self._checked: set[tuple[Example, ...]] = set()
+        # contextual calibration's content-free scores, per (prefix digest, candidate texts): measured with the first
+        # queries after that prefix and reused by later calls with it (a served task's requests); bounded, since
+        # cloze multiple choice has a candidate list per query
+        self.calibration: OrderedDict[tuple, list[float]] = OrderedDict()
 
     # ---- answers
     def candidates(self, example: Example) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -177,6 +177,7 @@ def _detail(served: ServedTask, worker: ModelWorker) -> TaskDetail:
 
 
 def create_app(model: Any, tokenizer: Any, settings: ServeSettings, registry: Registry) -> FastAPI:
+    """The app: its worker started (and the registry's tasks put back) at startup, stopped at shutdown."""
     state: dict[str, ModelWorker] = {}
     metrics = Metrics(lambda: state.get("worker"))
     limits = settings.limits
@@ -199,6 +200,14 @@ def create_app(model: Any, tokenizer: Any, settings: ServeSettings, registry: Re
                   description="One fine-tuned model answering many tasks, each registered once by its "
                               "demonstrations and kept as a cached key/value prefix.")
     app.add_middleware(Guard, settings=settings, metrics=metrics)
+    _add_error_handlers(app, limits)
+    _add_service_routes(app, settings, metrics, lambda: state["worker"])
+    _add_task_routes(app, limits, registry, lambda: state["worker"])
+    return app
+
+
+def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
+    """Each refusal as one-line JSON ``{"error": ...}`` with its status."""
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -219,19 +228,12 @@ def create_app(model: Any, tokenizer: Any, settings: ServeSettings, registry: Re
         return _problem(429, f"{limits.max_queue} requests are waiting (--max-queue); retry shortly",
                         {"Retry-After": "1"})
 
-    def served_task(name: str) -> ServedTask:
-        served = state["worker"].tasks.get(name)
-        if served is None:
-            raise UnknownTask(name)
-        return served
 
-    errors = {401: {"model": Problem}, 404: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem},
-              429: {"model": Problem}}
-    task_name = Path(pattern=TASK_NAME, max_length=64)
-
+def _add_service_routes(app: FastAPI, settings: ServeSettings, metrics: Metrics,
+                        worker: Callable[[], ModelWorker]) -> None:
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
-        return Health(status="ok", model=settings.model, tasks=len(state["worker"].tasks))
+        return Health(status="ok", model=settings.model, tasks=len(worker().tasks))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -241,44 +243,47 @@ def create_app(model: Any, tokenizer: Any, settings: ServeSettings, registry: Re
     async def page() -> HTMLResponse:
         return HTMLResponse(files("manyicl.serving").joinpath("page.html").read_text(encoding="utf-8"))
 
-    @app.post("/v1/tasks", response_model=TaskDetail, status_code=201, responses=errors)
+
+ERRORS = {status: {"model": Problem} for status in (401, 404, 413, 422, 429)}  # in the OpenAPI of the task routes
+
+
+def _add_task_routes(app: FastAPI, limits: Limits, registry: Registry, worker: Callable[[], ModelWorker]) -> None:
+    task_name = Path(pattern=TASK_NAME, max_length=64)
+
+    def served_task(name: str) -> ServedTask:
+        served = worker().tasks.get(name)
+        if served is None:
+            raise UnknownTask(name)
+        return served
+
+    @app.post("/v1/tasks", response_model=TaskDetail, status_code=201, responses=ERRORS)
     async def register(spec: TaskSpec) -> TaskDetail:
-        worker = state["worker"]
-        at = time.time()
-        served = await asyncio.wrap_future(worker.call(lambda: worker.register(spec, at)))
+        w, at = worker(), time.time()
+        served = await asyncio.wrap_future(w.call(lambda: w.register(spec, at)))
         registry.put(spec, at)  # committed before the answer: an acknowledged task survives a kill -9
-        return _detail(served, worker)
+        return _detail(served, w)
 
-    @app.get("/v1/tasks", response_model=TaskList, responses=errors)
+    @app.get("/v1/tasks", response_model=TaskList, responses=ERRORS)
     async def list_tasks() -> TaskList:
-        worker = state["worker"]
-        return TaskList(tasks=[TaskSummary(**_summary(t, worker)) for t in list(worker.tasks.values())])
+        return TaskList(tasks=[TaskSummary(**_summary(t, worker())) for t in list(worker().tasks.values())])
 
-    @app.get("/v1/tasks/{name}", response_model=TaskDetail, responses=errors)
+    @app.get("/v1/tasks/{name}", response_model=TaskDetail, responses=ERRORS)
     async def get_task(name: str = task_name) -> TaskDetail:
-        return _detail(served_task(name), state["worker"])
+        return _detail(served_task(name), worker())
 
-    @app.delete("/v1/tasks/{name}", status_code=204, responses=errors)
+    @app.delete("/v1/tasks/{name}", status_code=204, responses=ERRORS)
     async def delete_task(name: str = task_name) -> Response:
         served_task(name)
-        worker = state["worker"]
+        w = worker()
         registry.delete(name)
-        await asyncio.wrap_future(worker.call(lambda: worker.unregister(name)))
+        await asyncio.wrap_future(w.call(lambda: w.unregister(name)))
         return Response(status_code=204)
 
-    @app.post("/v1/tasks/{name}/predict", response_model=PredictResponse, responses=errors)
+    @app.post("/v1/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(body: PredictRequest, name: str = task_name) -> PredictResponse:
-        if len(body.inputs) > limits.max_inputs:
-            raise ManyICLError(f"inputs: {len(body.inputs)} given, at most {limits.max_inputs} per request")
-        queries = []
-        for i, item in enumerate(body.inputs):
-            query = item if isinstance(item, Query) else Query(input=item)
-            if len(query.input) > limits.max_input_chars:
-                raise ManyICLError(f"inputs.{i}: {len(query.input)} characters, over the limit of "
-                                   f"{limits.max_input_chars}")
-            queries.append(Example(query.input.strip(), "", choices=tuple(query.choices)))
+        queries = _queries(body, limits)
         served_task(name)
-        served, predictions, hit, seconds = await asyncio.wrap_future(state["worker"].submit(name, queries))
+        served, predictions, hit, seconds = await asyncio.wrap_future(worker().submit(name, queries))
         scoring = served.spec.scoring
         answers = [Answer(input=q.input, prediction=None if p.skipped else p.prediction,
                           probabilities=None if p.skipped else probabilities(p, scoring),
@@ -286,7 +291,19 @@ def create_app(model: Any, tokenizer: Any, settings: ServeSettings, registry: Re
         return PredictResponse(task=name, predictions=answers, prefix_tokens=len(served.prefix),
                                cache="hit" if hit else "miss", seconds=round(seconds, 4))
 
-    return app
+
+def _queries(body: PredictRequest, limits: Limits) -> list[Example]:
+    """A predict request's inputs, checked against the limits, as the evaluator's queries."""
+    if len(body.inputs) > limits.max_inputs:
+        raise ManyICLError(f"inputs: {len(body.inputs)} given, at most {limits.max_inputs} per request")
+    queries = []
+    for i, item in enumerate(body.inputs):
+        query = item if isinstance(item, Query) else Query(input=item)
+        if len(query.input) > limits.max_input_chars:
+            raise ManyICLError(f"inputs.{i}: {len(query.input)} characters, over the limit of "
+                               f"{limits.max_input_chars}")
+        queries.append(Example(query.input.strip(), "", choices=tuple(query.choices)))
+    return queries
 
 
 def jsonable(errors: list[dict]) -> list[dict]:
