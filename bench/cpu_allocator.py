@@ -37,7 +37,7 @@ def setup(data: str, length: int):
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
-    from manyicl.tasks import load_task_dir
+    from manyicl.task_files import load_task_dir
     from manyicl.training.mixture import collate
 
     torch.manual_seed(0)

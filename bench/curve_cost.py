@@ -18,7 +18,7 @@ import torch
 from manyicl.evaluation.curves import answer_losses, curve_sequences
 from manyicl.formatter import Formatter
 from manyicl.models import for_inference, load_model, load_tokenizer
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

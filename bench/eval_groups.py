@@ -23,7 +23,7 @@ from manyicl.evaluation import Prompter, evaluate_cell
 from manyicl.evaluation.backend_hf import SharedPrefixBackend
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (2048, 512, 256)

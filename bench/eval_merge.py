@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from manyicl.models import for_inference, load_model, load_tokenizer
-from manyicl.tasks import read_examples
+from manyicl.task_files import read_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 

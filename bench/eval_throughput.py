@@ -122,7 +122,7 @@ def main() -> None:
     from manyicl.evaluation.prompting import CONTENT_FREE_INPUTS
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
-    from manyicl.tasks import load_task_dir
+    from manyicl.task_files import load_task_dir
     from matmul_peak import gflops  # the same rate bench/matmul_peak.py prints (bench/ is on sys.path as a script)
 
     tokenizer, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m").eval()

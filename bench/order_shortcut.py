@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_leakage as leakage  # noqa: E402  the predictors and the round order live with the test
 from manyicl.models import load_tokenizer  # noqa: E402
-from manyicl.tasks import load_task_dir  # noqa: E402
+from manyicl.task_files import load_task_dir  # noqa: E402
 
 
 def main() -> None:

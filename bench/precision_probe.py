@@ -22,7 +22,7 @@ import torch
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
 from manyicl.sequences import SequenceBuilder
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 from manyicl.training.loss import target_only_loss
 from manyicl.training.mixture import collate
 from manyicl.training.precision import MARGIN, cpu_has_fast_bf16, keep_lora_sums_fp32, measure_cpu_precision

@@ -26,7 +26,7 @@ def main() -> None:
     from manyicl.formatter import Formatter
     from manyicl.models import load_tokenizer
     from manyicl.sequences import SequenceBuilder
-    from manyicl.tasks import list_task_dirs, load_task_dir
+    from manyicl.task_files import list_task_dirs, load_task_dir
 
     tokenizer = load_tokenizer("smollm2-135m")
     tasks = {name: load_task_dir(Path(args.data) / name) for name in list_task_dirs(args.data)}

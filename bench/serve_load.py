@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", action="store_true")
     args = parser.parse_args()
 
-    from manyicl.tasks import read_examples
+    from manyicl.task_files import read_examples
 
     data = Path(args.data) / "sst2"
     pool = read_examples(data / "train.jsonl")[: args.pool]

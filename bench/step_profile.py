@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model
 from manyicl.formatter import Formatter
 from manyicl.models import load_model, load_tokenizer
 from manyicl.sequences import SequenceBuilder
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 from manyicl.training.loss import target_only_loss
 from manyicl.training.mixture import collate
 from manyicl.training.precision import keep_lora_sums_fp32

@@ -62,7 +62,7 @@ def one(path: str, length: int, steps: int, data: str, checkpointing: bool, rele
     from manyicl.formatter import Formatter
     from manyicl.models import load_model, load_tokenizer
     from manyicl.sequences import SequenceBuilder
-    from manyicl.tasks import load_task_dir
+    from manyicl.task_files import load_task_dir
     from manyicl.training.loss import full_logits_loss, target_only_loss
     from manyicl.training.memory import release_freed_memory
     from manyicl.training.mixture import collate

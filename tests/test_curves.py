@@ -12,7 +12,7 @@ from conftest import tiny_model
 from manyicl.evaluation.curves import answer_losses, curve_sequences, run_curves
 from manyicl.formatter import Formatter
 from manyicl.reporting.curves import average_difference_at_last_k, difference_at_k, load_curve_table
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 
 
 def test_answer_losses_equal_the_full_logits_loss_of_every_answer(llama_tokenizer, data_dir):

@@ -16,7 +16,7 @@ from manyicl.errors import ManyICLError
 from manyicl.evaluation import NaiveBackend, Prompter, SharedPrefixBackend, evaluate_cell, hf_backend, run_evaluation
 from manyicl.evaluation.prompting import CONTENT_FREE_INPUTS
 from manyicl.formatter import Formatter
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 
 
 def evaluate_both(model, tokenizer, task, shots, queries, max_tokens=1024, batch_tokens=256):
@@ -195,8 +195,8 @@ def test_run_evaluation_outputs_and_resume(tiny_model_dir, data_dir, tmp_path):
     config = ExperimentConfig.model_validate(cfg)
     from manyicl.catalog import load_tasks
 
-    tasks = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
-    tasks += [(t, "forgetting") for t in load_tasks(config, config.tasks.forgetting)]
+    tasks = [(t, "held_out") for t in load_tasks(config.tasks, config.tasks.held_out)]
+    tasks += [(t, "forgetting") for t in load_tasks(config.tasks, config.tasks.forgetting)]
     results = run_evaluation(config, tasks)
     assert len(results) == 2 * (1 + 2) + 1 * 2  # 0 shots: one cell (no demonstrations to draw), 3 shots: one per seed
     r = results[0]
@@ -225,7 +225,7 @@ def test_cells_with_the_same_prompts_are_run_once(tiny_model_dir, data_dir, tmp_
         cfg["tasks"].update(held_out=["sst2"])
         cfg["evaluation"] = {"shots": shots, "seeds": [0], "max_queries": 3, "max_tokens": 256}
         config = ExperimentConfig.model_validate(cfg)
-        return run_evaluation(config, [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)])
+        return run_evaluation(config, [(t, "held_out") for t in load_tasks(config.tasks, config.tasks.held_out)])
 
     with pytest.warns(UserWarning, match="only"):
         both = {r["shots_requested"]: r for r in evaluate(tmp_path / "both", [100, "max"])}
@@ -305,7 +305,8 @@ def test_evaluation_merges_a_lora_adapter_with_the_same_scores(tiny_model_dir, d
         cfg["tasks"].update(held_out=["sst2", "rte"])
         cfg["evaluation"] = {"shots": [2], "seeds": [0], "max_queries": 4, "max_tokens": 512}
         config = ExperimentConfig.model_validate(cfg)
-        return run_evaluation(config, [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)], "ft", **how)
+        tasks = [(t, "held_out") for t in load_tasks(config.tasks, config.tasks.held_out)]
+        return run_evaluation(config, tasks, "ft", **how)
 
     merged = evaluate(tmp_path / "merged", adapter=str(tmp_path / "adapter"))
     unmerged = evaluate(tmp_path / "unmerged", loaded=(peft.eval(), load_tokenizer(str(tiny_model_dir))))

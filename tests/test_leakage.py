@@ -19,7 +19,8 @@ from scipy import stats
 from manyicl.evaluation.prompting import Prompter
 from manyicl.formatter import Formatter
 from manyicl.sequences import SequenceBuilder
-from manyicl.tasks import Task, load_task_dir
+from manyicl.task_files import load_task_dir
+from manyicl.tasks import Task
 
 SEEDS = range(8)
 TASKS = ["sst2", "trec", "snli"]

@@ -13,7 +13,8 @@ from manyicl.evaluation import NaiveBackend, Prompter, SharedPrefixBackend, eval
 from manyicl.evaluation.cells import is_collapsed
 from manyicl.evaluation.prompting import CONTENT_FREE_INPUTS
 from manyicl.formatter import Formatter
-from manyicl.tasks import Example, load_task_dir
+from manyicl.task_files import load_task_dir
+from manyicl.tasks import Example
 from manyicl.uncertainty import average_interval, cell_interval, paired_difference
 
 ACCURACY = lambda means: means[..., 0]  # noqa: E731

@@ -90,7 +90,7 @@ def test_a_rerun_over_version_1_records_reuses_them_and_writes_the_current_versi
     cfg["tasks"].update(held_out=["sst2"])
     cfg["evaluation"] = {"shots": [0, 2], "seeds": [0, 1], "max_queries": 3, "max_tokens": 512}
     config = ExperimentConfig.model_validate(cfg)
-    tasks = [(t, "held_out") for t in load_tasks(config, config.tasks.held_out)]
+    tasks = [(t, "held_out") for t in load_tasks(config.tasks, config.tasks.held_out)]
     results = run_evaluation(config, tasks)
     assert {r["schema_version"] for r in results} == {SCHEMA_VERSION}
     old = [{k: v for k, v in r.items() if k in OLDEST} for r in results[:-1]]  # version 1, its last cell missing

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
 from manyicl.sequences import IGNORE_INDEX, SequenceBuilder, leading_special_ids
-from manyicl.tasks import Example, Task, load_task_dir
+from manyicl.task_files import load_task_dir
+from manyicl.tasks import Example, Task
 
 ALPHABET = st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]) | st.sampled_from("\n\t")
 TEXT = st.text(ALPHABET, min_size=0, max_size=60).map(str.strip)

@@ -5,7 +5,7 @@ import pytest
 from conftest import write_task
 from manyicl.catalog import resolve_task
 from manyicl.errors import ManyICLError
-from manyicl.tasks import list_task_dirs, load_hf_task, load_task_dir, load_task_file
+from manyicl.task_files import list_task_dirs, load_hf_task, load_task_dir, load_task_file
 
 GOOD = [{"input": "good film", "output": "positive"}, {"input": "bad film", "output": "negative"}]
 

@@ -17,7 +17,7 @@ from manyicl.config import ExperimentConfig
 from manyicl.errors import ManyICLError
 from manyicl.formatter import Formatter
 from manyicl.sequences import SequenceBuilder
-from manyicl.tasks import load_task_dir
+from manyicl.task_files import load_task_dir
 from manyicl.training import recipe as train_module
 from manyicl.training import train
 from manyicl.training.loss import supervised_count, target_only_loss

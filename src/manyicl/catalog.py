@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from manyicl.config import ExperimentConfig
+from manyicl.config import TasksConfig
 from manyicl.errors import ManyICLError
 from manyicl.synthetic import make_task
-from manyicl.tasks import Task, load_hf_task, load_task_dir, load_task_file
+from manyicl.task_files import load_hf_task, load_task_dir, load_task_file
+from manyicl.tasks import Task
 
 
 def task_name(ref: Any) -> str:
@@ -51,37 +52,37 @@ def resolve_task(ref: Any, data_dir: str | None = None, max_train: int | None = 
     return task
 
 
-def load_tasks(config: ExperimentConfig, refs: list[Any]) -> list[Task]:
-    t = config.tasks
+def load_tasks(tasks_config: TasksConfig, refs: list[Any]) -> list[Task]:
+    t = tasks_config
     return [resolve_task(r, t.data_dir, t.max_train_examples, t.synthetic_seed) for r in refs]
 
 
-def evaluation_tasks(config: ExperimentConfig) -> list[tuple[Task, str]]:
+def evaluation_tasks(tasks_config: TasksConfig) -> list[tuple[Task, str]]:
     """Every task an evaluation covers, with its role: held-out, forgetting and in-distribution (mixture) tasks."""
-    t = config.tasks
+    t = tasks_config
     return [(task, role) for refs, role in ((t.held_out, "held_out"), (t.forgetting, "forgetting"),
                                             (t.in_distribution, "in_distribution"))
-            for task in load_tasks(config, refs)]
+            for task in load_tasks(t, refs)]
 
 
-def check_split(config: ExperimentConfig) -> None:
-    train = [task_name(r) for r in config.tasks.meta_train]
-    held_out = [task_name(r) for r in config.tasks.held_out]
-    stray = [t for t in config.tasks.distance if t not in held_out]
+def check_split(tasks_config: TasksConfig) -> None:
+    train = [task_name(r) for r in tasks_config.meta_train]
+    held_out = [task_name(r) for r in tasks_config.held_out]
+    stray = [t for t in tasks_config.distance if t not in held_out]
     if stray:
         raise ManyICLError(f"tasks.distance: {stray[0]!r} is not a held-out task; list it under tasks.held_out "
                            "or drop it")
-    if config.tasks.distance and len(config.tasks.distance) < len(held_out):
-        missing = next(t for t in held_out if t not in config.tasks.distance)
+    if tasks_config.distance and len(tasks_config.distance) < len(held_out):
+        missing = next(t for t in held_out if t not in tasks_config.distance)
         raise ManyICLError(f"tasks.distance: held-out task {missing!r} has no label; say near or far for every "
                            "held-out task")
-    outside = [t for t in (task_name(r) for r in config.tasks.in_distribution) if t not in train]
+    outside = [t for t in (task_name(r) for r in tasks_config.in_distribution) if t not in train]
     if outside:
         raise ManyICLError(f"tasks.in_distribution: {outside[0]!r} is not in tasks.meta_train; in-distribution "
                            f"tasks are mixture tasks (their test splits show what each fine-tune learned)")
-    held = [task_name(r) for r in config.tasks.held_out] + [task_name(r) for r in config.tasks.forgetting]
+    held = [task_name(r) for r in tasks_config.held_out] + [task_name(r) for r in tasks_config.forgetting]
     both = sorted(set(train) & set(held))
-    if both and not config.tasks.allow_overlap:
+    if both and not tasks_config.allow_overlap:
         raise ManyICLError(
             f"tasks: {both[0]!r} is in both meta_train and held_out/forgetting; held-out tasks must be unseen in "
             f"fine-tuning (set tasks.allow_overlap=true to allow it)"

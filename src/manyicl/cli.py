@@ -77,7 +77,7 @@ def show_sequence(data, objective, max_tokens, seed, model, n_shots, chat, fmt) 
     from manyicl.formatter import Formatter
     from manyicl.models import load_tokenizer
     from manyicl.sequences import OBJECTIVES, SequenceBuilder
-    from manyicl.tasks import load_task_dir
+    from manyicl.task_files import load_task_dir
 
     if objective not in OBJECTIVES:  # before the tokenizer loads (a first run converts the model)
         raise ManyICLError(f"--objective: unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
@@ -158,7 +158,7 @@ def evaluate_command(config, overrides, adapter, method, no_prefix_cache) -> Non
     adapter = adapter or cfg.model.adapter
     if not cfg.tasks.held_out and not cfg.tasks.forgetting:
         raise ManyICLError("tasks.held_out: nothing to evaluate; list held-out (or forgetting) tasks")
-    results = run_evaluation(cfg, evaluation_tasks(cfg), method or ("finetuned" if adapter else UNTUNED), adapter)
+    results = run_evaluation(cfg, evaluation_tasks(cfg.tasks), method or ("finetuned" if adapter else UNTUNED), adapter)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch every rank returns the merged results
         click.echo(summary_table(results, cfg.output_dir))
         click.echo(f"results: {Path(cfg.output_dir) / 'results.json'}")

@@ -186,11 +186,11 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
         raise ManyICLError("tasks.held_out: list the tasks to evaluate on (never seen in fine-tuning)")
     if any(m in MIXTURE_METHODS for m in methods) and not config.tasks.meta_train:
         raise ManyICLError("tasks.meta_train: the fine-tuned methods need a meta-train mixture")
-    check_split(config)
+    check_split(config.tasks)
     steps = budget_steps(config) if any(m in MIXTURE_METHODS for m in methods) else []
     if not train_only:
-        check_contexts(config, [*config.evaluation.shots, *config.compare.task_level_shots,
-                                *config.compare.budget_shots])
+        check_contexts(config.evaluation, config.model, config.evaluation_tokens,
+                       [*config.evaluation.shots, *config.compare.task_level_shots, *config.compare.budget_shots])
     out = Path(config.output_dir)
     with run_lock(out):  # one process per run folder
         return _run_methods(config, methods, out, overwrite, train_only, steps)
@@ -200,7 +200,7 @@ def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwr
                  steps: list[int]) -> Path | None:
     check_same_experiment(out, config, overwrite)
     trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before any work
-    tasks = evaluation_tasks(config)  # held-out, forgetting and in-distribution tasks, with their roles
+    tasks = evaluation_tasks(config.tasks)  # held-out, forgetting and in-distribution tasks, with their roles
     held = [(t, role) for t, role in tasks if role == "held_out"]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "compare_config.yaml", dump_config(config))

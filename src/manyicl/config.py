@@ -27,7 +27,7 @@ from manyicl.formatter import Formatter
 from manyicl.methods import METHODS
 from manyicl.metrics import METRICS
 from manyicl.sequences import OBJECTIVES
-from manyicl.tasks import yaml_error
+from manyicl.task_files import yaml_error
 
 Objective = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 
@@ -213,6 +213,11 @@ class ExperimentConfig(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     output_dir: str = "runs/experiment"
+
+    @property
+    def evaluation_tokens(self) -> int:
+        """The evaluation's context budget: evaluation.max_tokens, else the training sequence length."""
+        return self.evaluation.max_tokens or self.training.max_tokens
 
 
 # ---------------------------------------------------------------- loading

@@ -22,7 +22,8 @@ from manyicl.families import FAMILIES
 from manyicl.files import check_output_file, write_atomic
 from manyicl.formatter import Formatter
 from manyicl.models import check_adapter, for_inference, load_model, load_tokenizer
-from manyicl.tasks import Example, Task, answer_labels, read_examples
+from manyicl.task_files import read_examples
+from manyicl.tasks import Example, Task, answer_labels
 
 DEFAULTS = EvaluationConfig()  # predict and serve use evaluation's defaults
 PROMPTED_TASK = "predict"

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -29,6 +29,9 @@ from manyicl.models import check_adapter
 from manyicl.runlock import run_lock
 from manyicl.tasks import Example, Task, answer_form, choice_text
 
+if TYPE_CHECKING:  # the settings' types only: the config is turned into them at run_evaluation, above
+    from manyicl.config import EvaluationConfig, ExperimentConfig, FormatConfig, ModelConfig
+
 CURVE_ROLES = ("held_out", "in_distribution")  # the tasks whose learning curves are measured
 
 
@@ -39,6 +42,16 @@ class PlannedCell:
     queries: list[Example]
     shots: int | str  # as requested
     seed: int
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """Whose records one run_evaluation call writes, and where: the same for every cell."""
+
+    method: str
+    model: ModelConfig  # the base model
+    adapter: str | None
+    out: Path
 
 
 def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], multiple_choice: str = "cloze") -> None:
@@ -56,15 +69,13 @@ def check_golds(task: Task, queries: list[Example], labels: tuple[str, ...], mul
                                "add it to task.yaml labels")
 
 
-def check_contexts(config: Any, shots: list[Any] | None = None) -> None:
-    """Before any work: every context the evaluation asks for (the budget, and each ``max@N``) fits the model."""
+def check_contexts(ev: EvaluationConfig, model: ModelConfig, budget: int, shots: list[Any] | None = None) -> None:
+    """Before any work: every context the evaluation asks for (the ``budget``, and each ``max@N``) fits the model."""
     from manyicl.models import context_length
 
-    ev = config.evaluation
-    budget = ev.max_tokens or config.training.max_tokens
     requested = [*(shots or ev.shots), *ev.forgetting_shots, *ev.in_distribution_shots, 0]
     longest = max(shot_budget(k, budget)[1] for k in requested)
-    context = context_length(config.model.name, config.model.trust_remote_code)
+    context = context_length(model.name, model.trust_remote_code)
     if context and longest > context:
         raise ManyICLError(f"evaluation: a context of {longest} tokens exceeds the model's context length ({context}); "
                            f"lower evaluation.max_tokens or the max@ shots")
@@ -91,7 +102,7 @@ def _partials(out: Path) -> list[Path]:
 
 
 def run_evaluation(
-    config: Any,
+    config: ExperimentConfig,
     tasks: list[tuple[Task, str]],
     method: str = "base",
     adapter: str | None = None,
@@ -106,22 +117,21 @@ def run_evaluation(
     ``evaluation.learning_curve`` the held-out and in-distribution tasks also get their learning curves
     (curves.py, into ``<output_dir>/curves.json``).
     """
-    with run_lock(output_dir or config.output_dir):  # one process per run folder
-        return _evaluate(config, tasks, method, adapter, output_dir, loaded, shots)
+    # the recipe level: below here every function takes the settings it uses
+    who = Evaluated(method, config.model, adapter, Path(output_dir or config.output_dir))
+    with run_lock(who.out):  # one process per run folder
+        return _evaluate(config.evaluation, config.format, config.evaluation_tokens, who, tasks, loaded, shots)
 
 
-def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: str | None,
-              output_dir: str | Path | None, loaded: tuple[Any, Any] | None, shots: list[Any] | None) -> list[dict]:
+def _evaluate(ev: EvaluationConfig, fmt: FormatConfig, max_tokens: int, who: Evaluated, tasks: list[tuple[Task, str]],
+              loaded: tuple[Any, Any] | None, shots: list[Any] | None) -> list[dict]:
     from tqdm.auto import tqdm
 
-    ev = config.evaluation
-    out = Path(output_dir or config.output_dir)
+    out, method, adapter, model_name = who.out, who.method, who.adapter, who.model.name
     results_path = out / "results.json"
-    max_tokens = ev.max_tokens or config.training.max_tokens
-    model_name = config.model.name
     rank, world = _ranks()
 
-    plan = _plan(config, tasks, max_tokens, shots)  # validated before any model work or any write
+    plan = _plan(ev, fmt.multiple_choice, tasks, max_tokens, shots)  # validated before any model work or any write
     keys = [cell_key(method, model_name, adapter, c.task.name, c.shots, c.seed) for c in plan]
     results = load_results(results_path)
     if world == 1 and _partials(out):  # records of an interrupted multi-rank run
@@ -134,10 +144,10 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         # before any model work, and only when there is work: a run folder rebuilt from its committed records
         # (scripts/run_real.sh) keeps no per-task weights, and its finished cells need none
         check_adapter(adapter)
-    check_contexts(config, shots)
+    check_contexts(ev, who.model, max_tokens, shots)
     mine = todo[rank::world]
 
-    model_and_tokenizer = _model_loader(config, adapter, loaded)
+    model_and_tokenizer = _model_loader(who.model, adapter, loaded)
     if mine:
         model, tokenizer = model_and_tokenizer()
         longest = max(shot_budget(c.shots, max_tokens)[1] for c in mine)
@@ -148,7 +158,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         # a cell whose prompts equal an earlier cell's (32 shots where only 24 fit = max) reuses its outputs
         same_prompts: dict[tuple, tuple[Any, Any]] = {}
         for cell in tqdm(mine, desc=f"eval {method}", unit="cell", dynamic_ncols=True, disable=rank != 0):
-            own.append(_run_cell(config, cell, backend, tokenizer, max_tokens, method, adapter, out, same_prompts))
+            own.append(_run_cell(ev, fmt, who, cell, backend, tokenizer, max_tokens, same_prompts))
             write_cell_records(own_path, own)
     if world > 1:
         import torch.distributed as dist
@@ -160,7 +170,7 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
         results = load_results(results_path)
     if curve_tasks and rank == 0:  # one process measures the curves (a forward per sequence: cheap)
         run_curves(curve_tasks, out, method, model_name, adapter, max_tokens, ev.curve_sequences,
-                   config.format.formatter, model_and_tokenizer)
+                   fmt.formatter, model_and_tokenizer)
     if world > 1:
         import torch.distributed as dist
 
@@ -168,9 +178,9 @@ def _evaluate(config: Any, tasks: list[tuple[Task, str]], method: str, adapter: 
     return records_json(results)
 
 
-def _plan(config: Any, tasks: list[tuple[Task, str]], max_tokens: int, shots: list[Any] | None) -> list[PlannedCell]:
+def _plan(ev: EvaluationConfig, multiple_choice: str, tasks: list[tuple[Task, str]], max_tokens: int,
+          shots: list[Any] | None) -> list[PlannedCell]:
     """Every (task, shots, seed) cell of the evaluation, each task's golds and shot counts checked."""
-    ev = config.evaluation
     plan: list[PlannedCell] = []
     role_shots = {"held_out": shots or ev.shots, "forgetting": ev.forgetting_shots,
                   "in_distribution": ev.in_distribution_shots}
@@ -178,7 +188,7 @@ def _plan(config: Any, tasks: list[tuple[Task, str]], max_tokens: int, shots: li
         queries = task.test[: ev.max_queries] if ev.max_queries else task.test
         if not queries:
             raise ManyICLError(f"task {task.name}: no test examples to evaluate; add a test.jsonl")
-        check_golds(task, queries, tuple(task.labels or ()), config.format.multiple_choice)
+        check_golds(task, queries, tuple(task.labels or ()), multiple_choice)
         for k in role_shots[role]:
             check_shots(task, shot_budget(k, max_tokens)[0])
             # without demonstrations every seed gives the same prompts: one cell, not len(seeds) copies of it
@@ -186,21 +196,21 @@ def _plan(config: Any, tasks: list[tuple[Task, str]], max_tokens: int, shots: li
     return plan
 
 
-def _model_loader(config: Any, adapter: str | None,
+def _model_loader(base: ModelConfig, adapter: str | None,
                   loaded: tuple[Any, Any] | None) -> Callable[[], tuple[Any, Any]]:
     """(model, tokenizer), loaded at the first call, and only then: when a cell or a curve is left to measure."""
     from manyicl.models import for_inference, load_model, load_tokenizer
 
     loaded_now: list[tuple[Any, Any]] = []
-    model_name = config.model.name
+    model_name = base.name
 
     def model_and_tokenizer() -> tuple[Any, Any]:
         if not loaded_now:
             model, tokenizer = loaded or (None, None)
             if model is None:
-                tokenizer = load_tokenizer(model_name, config.model.trust_remote_code)
+                tokenizer = load_tokenizer(model_name, base.trust_remote_code)
                 # an adapter is merged into the weights: the same scores, a faster forward (a caller's model is kept)
-                model = for_inference(load_model(model_name, config.model.trust_remote_code, adapter=adapter))
+                model = for_inference(load_model(model_name, base.trust_remote_code, adapter=adapter))
             model.eval()
             if torch.cuda.is_available():  # one GPU per rank under accelerate launch
                 model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
@@ -222,11 +232,11 @@ def _fold_partials(out: Path, results_path: Path, results: list[CellRecord], key
     return results
 
 
-def _run_cell(config: Any, cell: PlannedCell, backend: Any, tokenizer: Any, max_tokens: int, method: str,
-              adapter: str | None, out: Path, same_prompts: dict | None = None) -> CellRecord:
-    ev, task = config.evaluation, cell.task
+def _run_cell(ev: EvaluationConfig, fmt: FormatConfig, who: Evaluated, cell: PlannedCell, backend: Any,
+              tokenizer: Any, max_tokens: int, same_prompts: dict | None = None) -> CellRecord:
+    task = cell.task
     shots, max_tokens = shot_budget(cell.shots, max_tokens)
-    prompter = Prompter(task, tokenizer, config.format.formatter(task, tokenizer), max_tokens,
+    prompter = Prompter(task, tokenizer, fmt.formatter(task, tokenizer), max_tokens,
                         ev.max_new_tokens.get(task.family))
     demos = prompter.choose_demonstrations(shots, cell.seed, ev.balance_labels, cell.queries)
     prompts = (task.name, cell.role, max_tokens, tuple((d.input, d.output) for d in demos))
@@ -237,25 +247,25 @@ def _run_cell(config: Any, cell: PlannedCell, backend: Any, tokenizer: Any, max_
         output = evaluate_cell(backend, prompter, demos, cell.queries, ev.scoring)
         if same_prompts is not None:
             same_prompts[prompts] = (cell.shots, output)
-    predictions = Path("predictions") / method / f"{task.name}_shots{cell.shots}_seed{cell.seed}.jsonl"
-    write_atomic(out / predictions, "".join(
+    predictions = Path("predictions") / who.method / f"{task.name}_shots{cell.shots}_seed{cell.seed}.jsonl"
+    write_atomic(who.out / predictions, "".join(
         json.dumps({"input": p.input, "prediction": p.prediction, "golds": list(p.golds), "skipped": p.skipped,
                     "metric_row": row, **({"scores": p.scores} if p.scores else {})}, ensure_ascii=False) + "\n"
         for p, row in zip(output.predictions, output.rows)
     ))
-    return _record(config, cell, output, prompter, method, adapter, predictions=predictions.as_posix(),
+    return _record(ev, who, cell, output, prompter, predictions=predictions.as_posix(),
                    backend=type(backend).__name__, reused_from=reused_from)
 
 
-def _record(config: Any, cell: PlannedCell, output: CellOutput, prompter: Prompter, method: str, adapter: str | None,
-            *, predictions: str, backend: str, reused_from: int | str | None) -> CellRecord:
+def _record(ev: EvaluationConfig, who: Evaluated, cell: PlannedCell, output: CellOutput, prompter: Prompter, *,
+            predictions: str, backend: str, reused_from: int | str | None) -> CellRecord:
     """The one place a cell's outputs become its record; ``reused_from``: the shots of the earlier cell with the same
     demonstrations and queries, whose outputs these are (None: measured here)."""
-    ev, task = config.evaluation, cell.task
+    task = cell.task
     label_set = prompter.family.label_set  # only these have label histograms
     return CellRecord(
-        model=config.model.name, adapter=adapter, method=method, role=cell.role, task=task.name, family=task.family,
-        metric=task.metric, shots=output.shots, shots_requested=cell.shots, seed=cell.seed,
+        model=who.model.name, adapter=who.adapter, method=who.method, role=cell.role, task=task.name,
+        family=task.family, metric=task.metric, shots=output.shots, shots_requested=cell.shots, seed=cell.seed,
         value=output.metrics["value"], ci_low=output.ci_low, ci_high=output.ci_high, metrics=output.metrics,
         n=len(cell.queries), skipped=output.skipped, prefix_tokens=output.prefix_tokens,
         max_tokens=prompter.max_tokens, answer_form=output.answer_form,

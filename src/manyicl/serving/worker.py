@@ -19,7 +19,8 @@ from manyicl.errors import ManyICLError
 from manyicl.predict import PromptedTask, prompt_task
 from manyicl.serving.prefix_cache import CachedPrefixBackend, PrefixCache
 from manyicl.serving.schemas import TaskSpec
-from manyicl.tasks import Example, parse_jsonl
+from manyicl.task_files import parse_jsonl
+from manyicl.tasks import Example
 
 
 class QueueFull(Exception):

@@ -72,11 +72,11 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         # 1. check the request before touching the disk or the model
         if not config.tasks.meta_train:
             raise ManyICLError("tasks.meta_train: the mixture is empty; list at least one task")
-        check_split(config)
+        check_split(config.tasks)
         chash = config_hash(config)
         checkpoint = prepare_output_dir(out, resume, overwrite, chash)
         tokenizer = load_tokenizer(config.model.name, config.model.trust_remote_code)
-        tasks = load_tasks(config, config.tasks.meta_train)
+        tasks = load_tasks(config.tasks, config.tasks.meta_train)
         builders = make_builders(tasks, tokenizer, config.format, tr.max_tokens, tr.objective, tr.n_shots)
         for b in builders.values():
             b.check_budget()
@@ -109,7 +109,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
             callbacks=[stop, *callbacks],
         )
         if trainer.is_world_process_zero():
-            _start_outputs(out, config, checkpoint)
+            _start_outputs(out, dump_config(config), checkpoint)
 
         # 5. training, with the settings of the training phase only
         release = tr.gradient_checkpointing if tr.release_freed_memory is None else tr.release_freed_memory
@@ -122,7 +122,7 @@ def train(config: ExperimentConfig, resume: bool = False, overwrite: bool = Fals
         # 6. outputs: a standard PEFT adapter (or full model), the mixture statistics, the summary
         result = TrainResult(out, out / ("adapter" if tr.finetune == "lora" else "model"), steps, seconds, released,
                              precision)
-        _write_outputs(result, probe, config, trainer, model, tokenizer, weights)
+        _write_outputs(result, probe, tr, config.model.name, trainer, model, tokenizer, weights)
     return result
 
 
@@ -203,11 +203,11 @@ def _training_arguments(tr: TrainingConfig, out: Path, steps: int, precision: st
     )
 
 
-def _start_outputs(out: Path, config: ExperimentConfig, checkpoint: Path | None) -> None:
-    """Rank 0, before the first step: the run folder with its config, and a resumed run's log cut back to its
-    checkpoint (the steps after it are redone)."""
+def _start_outputs(out: Path, config_text: str, checkpoint: Path | None) -> None:
+    """Rank 0, before the first step: the run folder with its config (``config_text``, as dump_config writes it),
+    and a resumed run's log cut back to its checkpoint (the steps after it are redone)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", dump_config(config))
+    write_atomic(out / "config.yaml", config_text)
     if checkpoint is not None:
         truncate_log(out / "train_log.jsonl", checkpoint_step(checkpoint))
 
@@ -227,11 +227,12 @@ def _run(trainer: ManyICLTrainer, model: Any, checkpoint: Path | None, stop: Sto
     return released, time.perf_counter() - started
 
 
-def _write_outputs(result: TrainResult, probe: PrecisionProbe | None, config: ExperimentConfig,
+def _write_outputs(result: TrainResult, probe: PrecisionProbe | None, tr: TrainingConfig, base_model: str,
                    trainer: ManyICLTrainer, model: Any, tokenizer: Any, weights: dict[str, float]) -> None:
-    """The weights (written beside their folder and renamed over it once complete), mixture.json, the model card,
-    and train_summary.json last: the run is complete. Under DDP every rank takes part; rank 0 writes."""
-    out, weights_dir, tr, dataset = result.output_dir, result.weights_dir, config.training, trainer.train_dataset
+    """The weights (written beside their folder and renamed over it once complete), mixture.json, the model card
+    (``base_model``: the model's name as the config gives it), and train_summary.json last: the run is complete.
+    Under DDP every rank takes part; rank 0 writes."""
+    out, weights_dir, dataset = result.output_dir, result.weights_dir, trainer.train_dataset
     staged = weights_dir.with_name(weights_dir.name + ".saving")
     with saving(staged):
         trainer.save_model(str(staged))  # collective under DDP/FSDP: every rank takes part, rank 0 writes
@@ -250,7 +251,7 @@ def _write_outputs(result: TrainResult, probe: PrecisionProbe | None, config: Ex
                "released_freed_memory": result.released_freed_memory, "precision": result.precision,
                **({"precision_probe": asdict(probe)} if probe else {})}
     tokens = logged_tokens(out / "train_log.jsonl")
-    write_model_card(weights_dir, config.model.name, tr.objective, tr.finetune, summary, mixture, tokens)
+    write_model_card(weights_dir, base_model, tr.objective, tr.finetune, summary, mixture, tokens)
     write_atomic(out / "train_summary.json", json.dumps(summary))  # last: the run is complete
 
 
