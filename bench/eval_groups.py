@@ -48,6 +48,7 @@ def main() -> None:
         for size in [size for _ in range(args.repeats) for size in SIZES]:
             backend = SharedPrefixBackend(model, tokenizer, batch_tokens=max(size, 2048) if task.labels else size)
             backend.score_group_tokens = size
+            prompter.calibration.clear()  # every timed cell scores its content-free queries, as a cell does
             start = time.perf_counter()
             out = evaluate_cell(backend, prompter, demos, queries)
             took = time.perf_counter() - start

@@ -60,7 +60,8 @@ def start(command: list[str], health: str, log: Path, timeout: float = 600) -> s
     """A server process, waited for until ``health`` answers 200 (its output goes to ``log``)."""
     import httpx
 
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=ENV)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -71,6 +72,7 @@ def start(command: list[str], health: str, log: Path, timeout: float = 600) -> s
         except httpx.HTTPError:
             time.sleep(0.5)
     process.kill()
+    process.wait()
     raise SystemExit(f"{command[2:4]}: no answer from {health} in {timeout:.0f} s; see {log}")
 
 
@@ -322,8 +324,8 @@ def main() -> None:
                   "queries (its Q4_1 weights and first-token scoring against our dequantized weights and the "
                   "whole label's score)")
             result["llama_cpp_qps_ratio"] = np.mean(served["qps_n"]) / np.mean(cpp["qps_n"])
-    json.dump({"args": vars(args), "task": served_task, **{k: float(v) for k, v in result.items()}},
-              (work / "result.json").open("w"), indent=1)
+    (work / "result.json").write_text(json.dumps({"args": vars(args), "task": served_task,
+                                                   **{k: float(v) for k, v in result.items()}}, indent=1))
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in result.items()) + f" identical={identical}")
 
 

@@ -9,7 +9,7 @@ queries, since every answer of every sequence counts and nothing is thresholded.
 The sequences depend only on the task, the tokenizer, the format and the budget (seeds ``0..n-1``), so every
 method is measured on the very same token ids and differences between methods are paired by sequence. Records
 go to ``<output_dir>/curves.json`` (rewritten atomically after each task; a rerun does only what is missing);
-``manyicl.curve_report`` turns them into the report's table and plot.
+``manyicl.reporting.curves`` and ``reporting.plots`` turn them into the report's table and plot.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def ids_digest(ids: list[int]) -> str:
 @torch.no_grad()
 def answer_losses(model: Any, seq: Sequence) -> tuple[list[float], list[int]]:
     """Per answer of the sequence, in order: its summed token NLL (nats) and its token count. One forward; the LM
-    head runs only where an answer token is predicted (loss.py)."""
+    head runs only where an answer token is predicted (training/loss.py)."""
     device = next(model.parameters()).device
     ids = torch.tensor([seq.input_ids], device=device)
     labels = torch.tensor([seq.labels], device=device)

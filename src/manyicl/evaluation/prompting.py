@@ -65,7 +65,8 @@ class Prompter:
         self._checked: set[tuple[Example, ...]] = set()
         # contextual calibration's content-free scores, per (prefix digest, candidate texts): measured with the first
         # queries after that prefix and reused by later calls with it (a served task's requests); bounded, since
-        # cloze multiple choice has a candidate list per query
+        # cloze multiple choice has a candidate list per query. They are the scores of the backend that measured
+        # them: a Prompter evaluated with another model (or the naive path in a comparison) clears it first
         self.calibration: OrderedDict[tuple, list[float]] = OrderedDict()
 
     # ---- answers
