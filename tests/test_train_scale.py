@@ -321,6 +321,27 @@ def test_packed_units_equal_each_unit_alone(llama_tokenizer, data_dir, objective
     assert float(loss) == pytest.approx(_each_unit_alone(model, rows, normalization), rel=1e-5)
 
 
+def test_packed_unit_gradients_equal_each_unit_alone(llama_tokenizer, data_dir):
+    """The grouped per-unit attention (units of one length class in one padded call) is exact for gradients too:
+    the packed row's gradient equals the sum of every unit's own, including units of several length classes."""
+    task = load_task_dir(data_dir / "sst2")
+    rows, packed = _packed_rows(llama_tokenizer, task, "few_shot")
+    lengths = [e - s for row in packed["position_ids"] for s, e in unit_bounds(row)]
+    assert len({(n - 1).bit_length() for n in lengths}) >= 2  # the padding of a group is exercised
+    model = tiny_model(len(llama_tokenizer))
+    with packed_attention(model, 512):
+        target_only_loss(model, packed, "token", num_items=1)[0].backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for seq in rows:
+        for s, e in unit_bounds(torch.tensor(seq.position_ids)):
+            unit = {"input_ids": torch.tensor([seq.input_ids[s:e]]), "labels": torch.tensor([seq.labels[s:e]]),
+                    "target_index": torch.tensor([seq.target_index()[s:e]])}
+            target_only_loss(model, unit, "token", num_items=1)[0].backward()
+    for packed_grad, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_causal_mask_alone_lets_packed_units_see_each_other(llama_tokenizer, data_dir):
     """The check above can fail: a plain causal mask over the packed row (no isolation) gives another loss."""
     task = load_task_dir(data_dir / "sst2")
