@@ -15,10 +15,10 @@
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
 #
-# Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) only where the CPU has AVX-512 BF16 (the
-# config trains in bf16) and it can end before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE,
-# 170 minutes after start/resume); otherwise the next evaluation stage whose fine-tune is done (eval-<method>),
-# then the report. Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply
+# Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) only where
+# the CPU has AVX-512 BF16 (the config trains in bf16; without it only the evaluation stages run) and it can end
+# before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE, 170 minutes after start/resume);
+# otherwise the next evaluation stage whose fine-tune is done (eval-<method>), then the report. Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply
 # starts again. Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,7 +39,25 @@ STAGES=(${RUN_STAGES:-train-manyicl train-many_shot_last_ft train-zero_shot_ft t
 launch() {  # the stages, in the worktree, in the background, in its own process group (for `paused`)
     mkdir -p "$tree/$run"
     cd "$tree"
-    PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" RUN_STAGES="${STAGES[*]}" \
+    local stage_config=$config stages=("${STAGES[@]}")
+    if [[ "$(config_precision "$config")" == bf16 ]] && ! has_bf16; then
+        # No training can run on this CPU, only the evaluations, which never read training.precision; the run's
+        # commit (before the fix in compare.still_to_train) refused a bf16 config on such a CPU even to evaluate, so
+        # the evaluation stages get the config with precision auto: compare leaves the precision out of its
+        # same-run check, and auto is pinned to the finished fine-tunes' precision should anything train
+        stage_config="$run/eval_config.yaml"
+        python - "$config" "$stage_config" <<'PY'
+import sys, yaml
+data = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+data["training"]["precision"] = "auto"
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    f.write(f"# {sys.argv[1]} with training.precision auto, for the evaluation stages (scripts/run_real.sh)\n")
+    yaml.safe_dump(data, f, sort_keys=False)
+PY
+        mapfile -t stages < <(printf '%s\n' "${STAGES[@]}" | grep '^eval-')  # the report needs every training
+        echo "this CPU has no AVX-512 BF16: the evaluation stages only, with $stage_config"
+    fi
+    PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$stage_config" RUN_DIR="$run" RUN_STAGES="${stages[*]}" \
         RUN_DEADLINE="${RUN_DEADLINE:-$(( $(date +%s) + 170 * 60 ))}" \
         setsid nohup bash scripts/run_real.sh stages >> "$run/run.log" 2>&1 < /dev/null &
     echo $! > "$run/run.pid"
@@ -140,12 +158,15 @@ done_stage() { [[ -f "$run/stages/$1.done" ]]; }
 
 has_bf16() { grep -q avx512_bf16 /proc/cpuinfo; }
 
+config_precision() {  # training.precision of a config
+    python -c "import sys; from manyicl.config import load_config; print(load_config(sys.argv[1]).training.precision)" "$1"
+}
+
 runnable() {  # why a stage cannot run now, on stdout; nothing when it can
     local name=$1 s
     case "$name" in
     train-*|task_level)
-        if [[ "$(python -c "import sys; from manyicl.config import load_config; \
-print(load_config(sys.argv[1]).training.precision)" "$config")" == bf16 ]] && ! has_bf16; then
+        if [[ "$(config_precision "$config")" == bf16 ]] && ! has_bf16; then
             echo "this CPU has no AVX-512 BF16 (bf16 training would be ~5x slower)"
         elif (( $(date +%s) + ${RUN_TRAIN_MINUTES:-115} * 60 > ${RUN_DEADLINE:-9999999999} )); then
             echo "it would not end before this session does (RUN_DEADLINE)"

@@ -205,3 +205,22 @@ def test_compare_keeps_one_precision_across_methods(tiny_model_dir, tmp_path, mo
     assert "training.precision auto: fp32, as the finished fine-tunes" in result.output
     assert json.loads((out / "train" / "manyicl" / "train_summary.json").read_text())["precision"] == "fp32"
 
+
+def test_compare_evaluates_a_bf16_run_where_bf16_training_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """A run trained in bf16 goes on, for its evaluations, on a CPU without AVX-512 BF16: evaluation never uses
+    training.precision. A fine-tune still to train there is refused before any work, as before."""
+    from manyicl.training import precision
+
+    out = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_model_dir, out, training__precision="bf16")))
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # autocast runs on any CPU, only slower
+    assert run(path, "--only", "zero_shot_ft", "--train-only").exit_code == 0
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    result = run(path, "--only", "zero_shot_ft")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())
+    result = run(path, "--only", "manyicl", "--train-only")
+    assert result.exit_code == 2 and "this CPU has neither AVX-512 BF16 nor AMX" in result.stderr
+    assert not (out / "train" / "manyicl").exists()
+

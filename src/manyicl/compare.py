@@ -97,9 +97,10 @@ def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
 
 def with_shared_precision(config: ExperimentConfig, out: Path) -> ExperimentConfig:
     """A method's training config with ``auto`` pinned to the precision of the run's finished fine-tunes."""
+    if config.training.precision != "auto" or (Path(config.output_dir) / "train_summary.json").exists():
+        return config
     precision = trained_precision(out, config)
-    if (precision is None or config.training.precision != "auto"
-            or (Path(config.output_dir) / "train_summary.json").exists()):
+    if precision is None:
         return config
     click.echo(f"training.precision auto: {precision}, as the finished fine-tunes of {out} were trained")
     return config.model_copy(update={"training": config.training.model_copy(update={"precision": precision})})
@@ -117,6 +118,18 @@ def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = 
         tr["max_steps"] = config.compare.task_level_steps or tr["max_steps"]
     tr["pack"] = OBJECTIVES[tr["objective"]].isolated
     return ExperimentConfig.model_validate(data)
+
+
+def still_to_train(config: ExperimentConfig, methods: list[str], out: Path) -> bool:
+    """Whether one of these methods has a fine-tune not finished yet. Evaluation never reads training.precision, so
+    a run trained in bf16 can be evaluated where bf16 training is refused (a CPU without AVX-512 BF16)."""
+    for method in methods:
+        training = METHODS[method].training
+        refs = [] if training == "none" else config.tasks.held_out if training == "per_task" else [None]
+        if any(not (Path(method_config(config, method, out, ref).output_dir) / "train_summary.json").exists()
+               for ref in refs):
+            return True
+    return False
 
 
 def train_stage(config: ExperimentConfig) -> Path:
@@ -199,7 +212,8 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
 def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwrite: bool, train_only: bool,
                  steps: list[int]) -> Path | None:
     check_same_experiment(out, config, overwrite)
-    trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before any work
+    if still_to_train(config, methods, out):  # only a training needs this machine to run its precision
+        trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before work
     tasks = evaluation_tasks(config.tasks)  # held-out, forgetting and in-distribution tasks, with their roles
     held = [(t, role) for t, role in tasks if role == "held_out"]
     out.mkdir(parents=True, exist_ok=True)

@@ -56,11 +56,12 @@ def _grouped_causal_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     compute is dropped (so no gradient flows into the padding). One call per unit instead made rows of many short
     units slow: a row of 138 one-fact units ran 2.2x slower than grouped (bench/packed_attention.py)."""
     tokens, outputs = [], []
+    device = query.device  # the index tensors live with the activations: no host round trip per layer on a GPU
     for group in length_groups(bounds):
         width = max(e - s for s, e in group)
-        offsets = torch.arange(width)
-        starts = torch.tensor([s for s, _ in group])[:, None]
-        lengths = torch.tensor([e - s for s, e in group])[:, None]
+        offsets = torch.arange(width, device=device)
+        starts = torch.tensor([s for s, _ in group], device=device)[:, None]
+        lengths = torch.tensor([e - s for s, e in group], device=device)[:, None]
         index = starts + offsets.minimum(lengths - 1)  # (units, width): padding repeats the unit's last token
         real = offsets < lengths
         q, k, v = (t[:, index].transpose(0, 1) for t in (query, key, value))  # (units, heads, width, head_dim)
