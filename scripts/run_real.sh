@@ -55,6 +55,8 @@ with open(sys.argv[2], "w", encoding="utf-8") as f:
     yaml.safe_dump(data, f, sort_keys=False)
 PY
         mapfile -t stages < <(printf '%s\n' "${STAGES[@]}" | grep '^eval-')  # the report needs every training
+        # (an empty RUN_STAGES would mean every stage to the stage loop)
+        (( ${#stages[@]} )) || { echo "this CPU has no AVX-512 BF16 and no evaluation stage is listed" >&2; exit 2; }
         echo "this CPU has no AVX-512 BF16: the evaluation stages only, with $stage_config"
     fi
     PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$stage_config" RUN_DIR="$run" RUN_STAGES="${stages[*]}" \
@@ -156,7 +158,7 @@ restore() {  # a fresh clone: the worktree at the run's commit and its run folde
 
 done_stage() { [[ -f "$run/stages/$1.done" ]]; }
 
-has_bf16() { grep -q avx512_bf16 /proc/cpuinfo; }
+has_bf16() { grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo; }  # as precision.cpu_has_fast_bf16
 
 config_precision() {  # training.precision of a config
     python -c "import sys; from manyicl.config import load_config; print(load_config(sys.argv[1]).training.precision)" "$1"

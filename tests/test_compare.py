@@ -1,6 +1,7 @@
 """compare end to end on a tiny model and synthetic tasks: every method, stage reuse, report, bad input."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -223,4 +224,10 @@ def test_compare_evaluates_a_bf16_run_where_bf16_training_is_refused(tiny_model_
     result = run(path, "--only", "manyicl", "--train-only")
     assert result.exit_code == 2 and "this CPU has neither AVX-512 BF16 nor AMX" in result.stderr
     assert not (out / "train" / "manyicl").exists()
+    # fine-tunes of two precisions are refused even where nothing is left to train (a record edited to say so)
+    shutil.copytree(out / "train" / "zero_shot_ft", out / "train" / "many_shot_last_ft")
+    summary = out / "train" / "many_shot_last_ft" / "train_summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "precision": "fp32"}))
+    result = run(path, "--only", "zero_shot_ft")
+    assert result.exit_code == 2 and "fine-tunes were trained in bf16 and fp32" in result.stderr
 

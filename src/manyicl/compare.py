@@ -73,10 +73,11 @@ def check_same_experiment(out: Path, config: ExperimentConfig, overwrite: bool) 
         )
 
 
-def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
+def trained_precision(out: Path, config: ExperimentConfig, training_here: bool = True) -> str | None:
     """The precision the finished fine-tunes of this run were trained in, which the ones still to train must share
     so that the methods are compared at one precision (``auto`` may resolve differently on another machine, or be
-    measured differently). An explicit ``training.precision`` that differs from it is refused."""
+    measured differently). Fine-tunes of two precisions are refused; so is, where a fine-tune is to be trained
+    here (``training_here``), an explicit ``training.precision`` that differs or that this machine cannot run."""
     from manyicl.training.precision import training_precision
 
     trained: dict[str, Path] = {}
@@ -89,7 +90,7 @@ def trained_precision(out: Path, config: ExperimentConfig) -> str | None:
                            f"group with training.precision set, or use --overwrite")
     (precision, folder), = trained.items()
     asked = config.training.precision
-    if asked != "auto" and training_precision(asked, config.training.dtype) != precision:
+    if training_here and asked != "auto" and training_precision(asked, config.training.dtype) != precision:
         raise ManyICLError(f"{folder}: trained in {precision}, but this run asks for training.precision {asked}; set "
                            f"training.precision: {precision} (or auto) to go on with this run, or use --overwrite")
     return precision
@@ -212,8 +213,9 @@ def compare(config: ExperimentConfig, only: list[str] | None = None, overwrite: 
 def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwrite: bool, train_only: bool,
                  steps: list[int]) -> Path | None:
     check_same_experiment(out, config, overwrite)
-    if still_to_train(config, methods, out):  # only a training needs this machine to run its precision
-        trained_precision(out, config)  # an explicit precision other than the finished fine-tunes' fails before work
+    # before any work: fine-tunes of two precisions, and an explicit precision other than the finished fine-tunes'
+    # where one is left to train (only a training needs this machine to run its precision)
+    trained_precision(out, config, training_here=still_to_train(config, methods, out))
     tasks = evaluation_tasks(config.tasks)  # held-out, forgetting and in-distribution tasks, with their roles
     held = [(t, role) for t, role in tasks if role == "held_out"]
     out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def _grouped_causal_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     compute is dropped (so no gradient flows into the padding). One call per unit instead made rows of many short
     units slow: a row of 138 one-fact units ran 2.2x slower than grouped (bench/packed_attention.py)."""
     tokens, outputs = [], []
-    device = query.device  # the index tensors live with the activations: no host round trip per layer on a GPU
+    device = query.device  # the index tensors live with the activations (a GPU gathers with its own)
     for group in length_groups(bounds):
         width = max(e - s for s, e in group)
         offsets = torch.arange(width, device=device)
