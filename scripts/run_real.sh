@@ -18,8 +18,8 @@
 # Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) only where
 # the CPU has AVX-512 BF16 (the config trains in bf16; without it only the evaluation stages run) and it can end
 # before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE, 170 minutes after start/resume);
-# otherwise the next evaluation stage whose fine-tune is done (eval-<method>), then the report. Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply
-# starts again. Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
+# otherwise the next evaluation stage whose fine-tune is done (eval-<method>), then the report. Finished
+# fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply starts again. Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
