@@ -158,7 +158,9 @@ restore() {  # a fresh clone: the worktree at the run's commit and its run folde
 
 done_stage() { [[ -f "$run/stages/$1.done" ]]; }
 
-has_bf16() { grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo; }  # as precision.cpu_has_fast_bf16
+# as precision.cpu_has_fast_bf16, but a grep: no torch import per call, and the same test in the worktree of
+# any run commit, wherever that commit keeps the function
+has_bf16() { grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo; }
 
 config_precision() {  # training.precision of a config
     python -c "import sys; from manyicl.config import load_config; print(load_config(sys.argv[1]).training.precision)" "$1"

@@ -98,7 +98,7 @@ def trained_precision(out: Path, config: ExperimentConfig, training_here: bool =
 
 def with_shared_precision(config: ExperimentConfig, out: Path) -> ExperimentConfig:
     """A method's training config with ``auto`` pinned to the precision of the run's finished fine-tunes."""
-    if config.training.precision != "auto" or (Path(config.output_dir) / "train_summary.json").exists():
+    if config.training.precision != "auto" or finished(Path(config.output_dir)):
         return config
     precision = trained_precision(out, config)
     if precision is None:
@@ -121,22 +121,29 @@ def method_config(config: ExperimentConfig, method: str, out: Path, task: Any = 
     return ExperimentConfig.model_validate(data)
 
 
+def fine_tunes(config: ExperimentConfig, method: str, out: Path) -> list[ExperimentConfig]:
+    """The training configs of a method's fine-tunes: none (base), one on the mixture, or one per held-out task
+    (task_level, in the order of tasks.held_out)."""
+    training = METHODS[method].training
+    refs = [] if training == "none" else config.tasks.held_out if training == "per_task" else [None]
+    return [method_config(config, method, out, ref) for ref in refs]
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the fine-tune in ``run_dir`` is complete: training writes train_summary.json last."""
+    return (run_dir / "train_summary.json").exists()
+
+
 def still_to_train(config: ExperimentConfig, methods: list[str], out: Path) -> bool:
     """Whether one of these methods has a fine-tune not finished yet. Evaluation never reads training.precision, so
     a run trained in bf16 can be evaluated where bf16 training is refused (a CPU without AVX-512 BF16)."""
-    for method in methods:
-        training = METHODS[method].training
-        refs = [] if training == "none" else config.tasks.held_out if training == "per_task" else [None]
-        if any(not (Path(method_config(config, method, out, ref).output_dir) / "train_summary.json").exists()
-               for ref in refs):
-            return True
-    return False
+    return any(not finished(Path(c.output_dir)) for method in methods for c in fine_tunes(config, method, out))
 
 
 def train_stage(config: ExperimentConfig) -> Path:
     """Train unless a finished run is there; resume a run that was interrupted."""
     out = Path(config.output_dir)
-    if (out / "train_summary.json").exists():
+    if finished(out):
         click.echo(f"reusing {out}")
     else:
         from manyicl.training import train  # the trainer (transformers.Trainer, accelerate) only when a stage trains
@@ -228,13 +235,14 @@ def _run_methods(config: ExperimentConfig, methods: list[str], out: Path, overwr
             if not train_only:
                 run_evaluation(config, tasks, method, None, out)
         elif training == "per_task":
-            for ref, (task, role) in zip(config.tasks.held_out, held):
-                adapter = train_stage(with_shared_precision(method_config(config, method, out, ref), out))
+            for task_config, (task, role) in zip(fine_tunes(config, method, out), held):
+                adapter = train_stage(with_shared_precision(task_config, out))
                 if not train_only:
                     run_evaluation(config, [(task, role)], method, str(adapter), out,
                                    shots=config.compare.task_level_shots)
         else:
-            adapter = train_stage(with_shared_precision(method_config(config, method, out), out))
+            (mixture_config,) = fine_tunes(config, method, out)
+            adapter = train_stage(with_shared_precision(mixture_config, out))
             if not train_only:
                 run_evaluation(config, tasks, method, str(adapter), out)
                 evaluate_budgets(config, tasks, method, out, steps)
