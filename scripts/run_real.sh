@@ -171,7 +171,7 @@ runnable() {  # why a stage cannot run now, on stdout; nothing when it can
     case "$name" in
     train-*|task_level)
         if [[ "$(config_precision "$config")" == bf16 ]] && ! has_bf16; then
-            echo "this CPU has no AVX-512 BF16 (bf16 training would be ~5x slower)"
+            echo "this CPU has no AVX-512 BF16 (bf16 emulated: a step ~15x slower on an AVX2 EPYC, docs/BENCHMARKS.md)"
         elif (( $(date +%s) + ${RUN_TRAIN_MINUTES:-115} * 60 > ${RUN_DEADLINE:-9999999999} )); then
             echo "it would not end before this session does (RUN_DEADLINE)"
         fi ;;
