@@ -15,11 +15,11 @@
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
 #
-# Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) only where
-# the CPU has AVX-512 BF16 (the config trains in bf16; without it only the evaluation stages run) and it can end
-# before this session does (RUN_TRAIN_MINUTES, 115, before RUN_DEADLINE, 170 minutes after start/resume);
-# otherwise the next evaluation stage whose fine-tune is done (eval-<method>), then the report. Finished
-# fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply starts again. Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
+# Which stage runs next: the first in STAGES that can run; a training stage (train-<method>, task_level) where at
+# least RUN_TRAIN_MINUTES (30) are left before RUN_DEADLINE (170 minutes after start/resume), enough to reach a
+# checkpoint; otherwise the next evaluation stage whose fine-tune is done (eval-<method>), then the report.
+# Finished fine-tunes, checkpoints and evaluation cells are reused, so an interrupted stage simply starts again.
+# Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -31,35 +31,14 @@ tree="$(dirname "$repo")/manyicl-run-$run_name"  # the worktree of the run's com
 records_repo="${MANYICL_RECORDS_REPO:-$repo}"  # inside the worktree: the repository that started the run
 dest="$records_repo/docs/results/$run_name"
 # shellcheck disable=SC2206  # the stage names are words
-# The trainings come first: next_stage takes the first that can run, so a session that can fit a training (bf16,
-# RUN_TRAIN_MINUTES) spends its start on one and its rest on evaluations; the order changes no result.
+# The trainings come first (next_stage takes the first that can run); the order changes no result.
 STAGES=(${RUN_STAGES:-train-manyicl train-many_shot_last_ft train-zero_shot_ft train-few_shot_ft task_level
     eval-manyicl eval-base eval-many_shot_last_ft eval-zero_shot_ft eval-few_shot_ft report})
 
 launch() {  # the stages, in the worktree, in the background, in its own process group (for `paused`)
     mkdir -p "$tree/$run"
     cd "$tree"
-    local stage_config=$config stages=("${STAGES[@]}")
-    if [[ "$(config_precision "$config")" == bf16 ]] && ! has_bf16; then
-        # No training can run on this CPU, only the evaluations, which never read training.precision; the run's
-        # commit (before the fix in compare.still_to_train) refused a bf16 config on such a CPU even to evaluate, so
-        # the evaluation stages get the config with precision auto: compare leaves the precision out of its
-        # same-run check, and auto is pinned to the finished fine-tunes' precision should anything train
-        stage_config="$run/eval_config.yaml"
-        python - "$config" "$stage_config" <<'PY'
-import sys, yaml
-data = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
-data["training"]["precision"] = "auto"
-with open(sys.argv[2], "w", encoding="utf-8") as f:
-    f.write(f"# {sys.argv[1]} with training.precision auto, for the evaluation stages (scripts/run_real.sh)\n")
-    yaml.safe_dump(data, f, sort_keys=False)
-PY
-        mapfile -t stages < <(printf '%s\n' "${STAGES[@]}" | grep '^eval-')  # the report needs every training
-        # (an empty RUN_STAGES would mean every stage to the stage loop)
-        (( ${#stages[@]} )) || { echo "this CPU has no AVX-512 BF16 and no evaluation stage is listed" >&2; exit 2; }
-        echo "this CPU has no AVX-512 BF16: the evaluation stages only, with $stage_config"
-    fi
-    PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$stage_config" RUN_DIR="$run" RUN_STAGES="${stages[*]}" \
+    PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" RUN_STAGES="${STAGES[*]}" \
         RUN_DEADLINE="${RUN_DEADLINE:-$(( $(date +%s) + 170 * 60 ))}" \
         setsid nohup bash scripts/run_real.sh stages >> "$run/run.log" 2>&1 < /dev/null &
     echo $! > "$run/run.pid"
@@ -158,22 +137,14 @@ restore() {  # a fresh clone: the worktree at the run's commit and its run folde
 
 done_stage() { [[ -f "$run/stages/$1.done" ]]; }
 
-# as precision.cpu_has_fast_bf16, but a grep: no torch import per call, and the same test in the worktree of
-# any run commit, wherever that commit keeps the function
-has_bf16() { grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo; }
-
-config_precision() {  # training.precision of a config
-    python -c "import sys; from manyicl.config import load_config; print(load_config(sys.argv[1]).training.precision)" "$1"
-}
-
 runnable() {  # why a stage cannot run now, on stdout; nothing when it can
     local name=$1 s
     case "$name" in
     train-*|task_level)
-        if [[ "$(config_precision "$config")" == bf16 ]] && ! has_bf16; then
-            echo "this CPU has no AVX-512 BF16 (bf16 emulated: a step ~15x slower on an AVX2 EPYC, docs/BENCHMARKS.md)"
-        elif (( $(date +%s) + ${RUN_TRAIN_MINUTES:-115} * 60 > ${RUN_DEADLINE:-9999999999} )); then
-            echo "it would not end before this session does (RUN_DEADLINE)"
+        # a training goes on in a later session from its last checkpoint (every save_steps; committed by save), so
+        # it only needs the time to reach one; bf16 runs emulated on a CPU without AVX-512 BF16 (precision.py)
+        if (( $(date +%s) + ${RUN_TRAIN_MINUTES:-30} * 60 > ${RUN_DEADLINE:-9999999999} )); then
+            echo "fewer than RUN_TRAIN_MINUTES (30) minutes left before RUN_DEADLINE, too few to reach a checkpoint"
         fi ;;
     eval-base) ;;
     eval-*) done_stage "train-${name#eval-}" || echo "train-${name#eval-} is not done" ;;
@@ -232,6 +203,10 @@ start)
 resume)
     if [[ -d "$tree" ]]; then
         running && { echo "already running (pid $(cat "$tree/$run/run.pid"))" >&2; exit 2; }
+        if [[ "$(git -C "$tree" rev-parse HEAD)" != "$(cat "$dest/RUN_COMMIT")" ]]; then  # RUN_COMMIT moved on
+            git -C "$tree" checkout -q --detach "$(cat "$dest/RUN_COMMIT")"
+            echo "the worktree is now at RUN_COMMIT $(cut -c1-7 "$dest/RUN_COMMIT")"
+        fi
     else
         restore
     fi

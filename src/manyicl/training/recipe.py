@@ -25,7 +25,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from manyicl.catalog import check_split, load_tasks
 from manyicl.config import ExperimentConfig, LoraSettings, ModelConfig, TrainingConfig, dump_config
 from manyicl.errors import Interrupted, ManyICLError
-from manyicl.files import atomic_path, logged_tokens, write_atomic
+from manyicl.files import atomic_path, logged_tokens, read_log, write_atomic
 from manyicl.model_card import write_model_card
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.runlock import run_lock
@@ -45,6 +45,7 @@ from manyicl.training.mixture import MixtureDataset, collate, make_builders, mix
 from manyicl.training.packing import packed_attention, packed_isolation
 from manyicl.training.precision import (
     PrecisionProbe,
+    bf16_kernels,
     keep_lora_sums_fp32,
     measure_cpu_precision,
     needs_measurement,
@@ -166,6 +167,9 @@ def _precision(model: Any, tr: TrainingConfig) -> tuple[str, PrecisionProbe | No
         # else updates below bf16's rounding step vanish from the forward (precision.py); a no-op in fp32, so also
         # right when the probe below picks fp32, and the probe times bf16 as it would train
         keep_lora_sums_fp32(model)
+    if bf16_kernels(precision) == "emulated":
+        print("training.precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 matmuls and attention "
+              "are emulated on fp32 kernels (the same roundings; precision.py)", flush=True)
     if not needs_measurement(tr.precision, getattr(model, "dtype", None)):  # all but auto on a CPU with bf16
         return precision, None
     probe = measure_cpu_precision(model, tr.max_tokens)
@@ -250,6 +254,9 @@ def _write_outputs(result: TrainResult, probe: PrecisionProbe | None, tr: Traini
     summary = {"steps": result.steps, "seconds": round(result.seconds, 1), "weights": str(weights_dir),
                "released_freed_memory": result.released_freed_memory, "precision": result.precision,
                **({"precision_probe": asdict(probe)} if probe else {})}
+    if result.precision == "bf16":  # counted per step: a resumed run may have gone on on another CPU
+        steps_emulated = sum(r.get("bf16_kernels") == "emulated" for r in read_log(out / "train_log.jsonl"))
+        summary["bf16_steps"] = {"native": result.steps - steps_emulated, "emulated": steps_emulated}
     tokens = logged_tokens(out / "train_log.jsonl")
     write_model_card(weights_dir, base_model, tr.objective, tr.finetune, summary, mixture, tokens)
     write_atomic(out / "train_summary.json", json.dumps(summary))  # last: the run is complete

@@ -20,6 +20,7 @@ from manyicl.files import with_path
 from manyicl.training.checkpoints import mark_complete, saving
 from manyicl.training.loss import supervised_count, target_only_loss
 from manyicl.training.packing import isolating_mask
+from manyicl.training.precision import bf16_compute, bf16_kernels
 
 
 class ManyICLTrainer(Trainer):
@@ -60,6 +61,11 @@ class ManyICLTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.train_log.close()  # the progress bar ends before any message that follows (also on failure)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # forward and backward: bf16 on a CPU without bf16 instructions is emulated (precision.py)
+        with bf16_compute(self.precision):
+            return super().training_step(*args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
@@ -148,6 +154,8 @@ class TrainLog(TrainerCallback):
         }
         if self.trainer is not None:  # rank 0's sequences of the step (all of them on one process)
             record["tasks"] = sorted(set(self.trainer.last_step_tasks))
+            if bf16_kernels(self.trainer.precision) == "emulated":  # per step: a run may go on on another CPU
+                record["bf16_kernels"] = "emulated"
         self.last = now
         try:  # an append-only log: a line cut off by a full disk is dropped on --resume (checkpoints.truncate_log)
             with self.path.open("a", encoding="utf-8") as f:
