@@ -10,13 +10,17 @@ training sees little of its own updates. Measured on SmolLM2, 30 steps of 1,024 
 sum, 0.013 with the fp32 sum, at the same speed.
 
 ``auto`` picks bf16 where it runs faster. On a CUDA device: where it supports bf16. On a CPU without AVX-512 BF16 or
-AMX: fp32 (bf16 is emulated there, 5x slower matmuls). On a CPU with them the flags do not settle it (a LoRA step
+AMX: fp32 (faster there than bf16, emulated or not). On a CPU with them the flags do not settle it (a LoRA step
 was 1.35-1.48x faster in bf16 on one such CPU and slower on another, docs/BENCHMARKS.md), so ``auto`` measures:
 ``measure_cpu_precision`` times forward+backward passes of the loaded model in fp32 and in bf16 autocast and picks
 bf16 only where it is faster by a margin; the result is cached per CPU, torch, model and shape under
-``$MANYICL_CACHE`` and recorded in train_summary.json. ``precision: bf16`` on a CPU without AVX-512 BF16 or AMX is
-refused (it would be slower than fp32). The precision a run resolved to is recorded in every
+``$MANYICL_CACHE`` and recorded in train_summary.json. The precision a run resolved to is recorded in every
 checkpoint and in train_summary.json; resuming under another one is refused (checkpoints.check_precision).
+
+``precision: bf16`` on a CPU without AVX-512 BF16 or AMX trains with ``EmulatedBf16Kernels``: the same bf16
+roundings, computed on fp32 kernels, since torch's own bf16 kernels there are ~15x slower than fp32. It is what
+carries a bf16 run on to such a CPU (a run's methods must share one precision: compare.py); ``auto`` still picks
+fp32 there, which is faster again (``python bench/bf16_emulation.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from manyicl.errors import ManyICLError
 
@@ -66,10 +73,59 @@ def resolve_precision(requested: str, weights_dtype: Any = None) -> str:
         return "bf16" if fast else "fp32"
     if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ManyICLError("training.precision=bf16: this GPU has no bfloat16 support; use fp32 (or auto)")
-    if requested == "bf16" and not cuda and not cpu_has_fast_bf16():
-        raise ManyICLError("training.precision=bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be "
-                           "slower than fp32; use fp32 (or auto)")
-    return requested
+    return requested  # bf16 on a CPU without bf16 instructions: emulated (bf16_kernels)
+
+
+# ---------------------------------------------------------------- bf16 on a CPU without bf16 instructions
+
+aten = torch.ops.aten
+# the ops that compute in bf16 under autocast, and which of their outputs the native kernel returns in bf16 (None:
+# its one output); everything else (elementwise, norms, the loss) runs as it would anyway
+_BF16_OUTPUTS = {
+    aten.mm.default: None, aten.addmm.default: None, aten.bmm.default: None, aten.baddbmm.default: None,
+    aten.mv.default: None, aten.addmv.default: None, aten.dot.default: None,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: (0,),  # (output, logsumexp): logsumexp is fp32
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (0, 1, 2),  # the gradients of q, k, v
+}
+
+
+def _widen(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+
+
+def _is_cpu_bf16(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 and value.device.type == "cpu"
+
+
+class EmulatedBf16Kernels(TorchDispatchMode):
+    """bf16 matmuls and attention computed as the bf16 instructions compute them, on fp32 kernels: the inputs are
+    bf16 (autocast rounded them), each product of two bf16 numbers is exact in fp32 (8 + 8 significant bits), the
+    products are summed in fp32 and the result is rounded to bf16. What differs from AVX-512 BF16 / AMX kernels is
+    the order of the fp32 sums, and attention: torch's bf16 flash kernel rounds its softmax weights to bf16 before
+    multiplying by the values, here they stay fp32. A dispatch mode sits below autograd, so the backward's
+    matmuls are covered too. Measured side by side: ``python bench/bf16_emulation.py``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        narrowed = _BF16_OUTPUTS.get(func, False)
+        if narrowed is False or not any(_is_cpu_bf16(a) for a in args):
+            return func(*args, **kwargs)
+        out = func(*tree_map(_widen, args), **tree_map(_widen, kwargs))
+        if narrowed is None:
+            return out.to(torch.bfloat16)
+        return tuple(t.to(torch.bfloat16) if i in narrowed else t for i, t in enumerate(out))
+
+
+def bf16_kernels(precision: str) -> str | None:
+    """"native" or "emulated" for a run in bf16 here (None in fp32): emulated on a CPU without bf16 instructions."""
+    if precision != "bf16":
+        return None
+    return "native" if torch.cuda.is_available() or cpu_has_fast_bf16() else "emulated"
+
+
+def bf16_compute(precision: str) -> ContextManager:
+    """Where a training step runs: ``EmulatedBf16Kernels`` for bf16 on a CPU without bf16 instructions."""
+    return EmulatedBf16Kernels() if bf16_kernels(precision) == "emulated" else nullcontext()
 
 
 def training_precision(training: Any) -> str | None:

@@ -39,13 +39,20 @@ from manyicl.checkpoints import (
 from manyicl.config import ExperimentConfig, dump_config
 from manyicl.data import MixtureDataset, collate, make_builders, mixture_weights, steps_for_epochs
 from manyicl.errors import Interrupted, ManyICLError
-from manyicl.files import atomic_path, disk_full, fsync_folder, logged_tokens, with_path, write_atomic
+from manyicl.files import atomic_path, disk_full, fsync_folder, logged_tokens, read_log, with_path, write_atomic
 from manyicl.loss import supervised_count, target_only_loss
 from manyicl.memory import freed_memory_released
 from manyicl.model_card import write_model_card
 from manyicl.models import load_model, load_tokenizer, resolve_model
 from manyicl.packing import isolating_mask, packed_attention, packed_isolation
-from manyicl.precision import keep_lora_sums_fp32, measure_cpu_precision, needs_measurement, resolve_precision
+from manyicl.precision import (
+    bf16_compute,
+    bf16_kernels,
+    keep_lora_sums_fp32,
+    measure_cpu_precision,
+    needs_measurement,
+    resolve_precision,
+)
 from manyicl.runlock import run_lock
 from manyicl.stopping import StopOnSignal
 
@@ -72,6 +79,11 @@ class ManyICLTrainer(Trainer):
         self.step_tasks: list[str] = []
         self.last_step_tasks: list[str] = []
         self.config_hash, self.precision = config_hash, precision  # both go into every checkpoint's marker
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # forward and backward: bf16 on a CPU without bf16 instructions is emulated (precision.py)
+        with bf16_compute(self.precision):
+            return super().training_step(*args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step, and what the loss is normalised by: supervised tokens (or
@@ -158,6 +170,8 @@ class TrainLog(TrainerCallback):
         }
         if self.trainer is not None:  # rank 0's sequences of the step (all of them on one process)
             record["tasks"] = sorted(set(self.trainer.last_step_tasks))
+            if bf16_kernels(self.trainer.precision) == "emulated":  # per step: a run may go on on another CPU
+                record["bf16_kernels"] = "emulated"
         self.last = now
         try:  # an append-only log: a line cut off by a full disk is dropped on --resume (checkpoints.truncate_log)
             with self.path.open("a", encoding="utf-8") as f:
@@ -267,6 +281,9 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool,
         # else updates below bf16's rounding step vanish from the forward (precision.py); a no-op in fp32, so also
         # right when the probe below picks fp32, and the probe times bf16 as it would train
         keep_lora_sums_fp32(model)
+    if bf16_kernels(precision) == "emulated":
+        print("training.precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 matmuls and attention "
+              "are emulated on fp32 kernels (the same roundings; precision.py)", flush=True)
     probe = None
     if needs_measurement(tr.precision, getattr(model, "dtype", None)):  # auto on a CPU with bf16 instructions
         probe = measure_cpu_precision(model, tr.max_tokens)
@@ -369,6 +386,9 @@ def _train(config: ExperimentConfig, resume: bool, overwrite: bool,
         summary = {"steps": steps, "seconds": round(seconds, 1), "weights": str(weights_dir),
                    "released_freed_memory": released, "precision": precision,
                    **({"precision_probe": asdict(probe)} if probe else {})}
+        if precision == "bf16":  # counted per step: a resumed run may have gone on on another CPU
+            steps_emulated = sum(r.get("bf16_kernels") == "emulated" for r in read_log(out / "train_log.jsonl"))
+            summary["bf16_steps"] = {"native": steps - steps_emulated, "emulated": steps_emulated}
         tokens = logged_tokens(out / "train_log.jsonl")
         write_model_card(weights_dir, config.model.name, tr.objective, tr.finetune, summary, mixture, tokens)
         write_atomic(out / "train_summary.json", json.dumps(summary))  # last: the run is complete
