@@ -54,6 +54,14 @@ def test_only_bf16_cpu_matmuls_are_rerouted():
         bf16 = a.bfloat16() @ b.bfloat16()
     assert fp32.dtype == torch.float32 and torch.equal(fp32, a @ b)
     assert bf16.dtype == torch.bfloat16 and any(f is aten.mm.default and torch.bfloat16 in d for f, d in seen)
+    # the backward's matmuls pass through the mode too (it sits below autograd)
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    with Recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x, w)
+        seen.clear()
+        y.float().sum().backward()
+    assert sum(f is aten.mm.default and torch.bfloat16 in d for f, d in seen) == 2  # grad of x, grad of w
 
 
 def test_emulated_attention_keeps_logsumexp_fp32_and_matches_native_bf16():
