@@ -6,11 +6,15 @@
 # this repository's docs/results/real_smollm2_1m/: the records as each stage ends (and every 20 minutes during
 # one), the adapters of the finished fine-tunes at every budget point, and, at `save`, the last checkpoint of a
 # training in progress. `resume` rebuilds the worktree at RUN_COMMIT and the run folder from those records.
+# A session's commits are submitted only while their diffs, binary files included, stay under the workplace's
+# limit (256 MiB; a checkpoint added and later removed counts twice): run `save` ONCE, just before the session
+# stops, and it keeps the new checkpoint out (the last committed one stays) where it would pass RUN_SUBMIT_MIB.
 #
 #   bash scripts/run_real.sh start     # once: the worktree at HEAD (committed, clean), then the stages
 #   bash scripts/run_real.sh resume    # every later session, first thing: the same commit, from where it stopped
 #   bash scripts/run_real.sh save      # before a session stops: commit what is done so far
 #   bash scripts/run_real.sh status    # the commit, the stages done, the last lines of the log
+#   bash scripts/run_real.sh size      # the diffs this session's commits add up to (what the submission limit counts)
 #   bash scripts/run_real.sh paused -- CMD...   # run CMD (tests, a benchmark) with the run stopped (SIGSTOP/SIGCONT),
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
@@ -22,7 +26,7 @@
 # Inside the worktree `stages` runs them and `stage NAME` one. Nothing here runs in CI.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$repo"
+cd "${MANYICL_RUN_HERE:-$repo}"  # save-here: this script, run in the run's worktree
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 config=${RUN_CONFIG:-configs/real_smollm2.yaml}  # (RUN_CONFIG, RUN_DIR, RUN_STAGES: for a smoke test of this script)
 run=${RUN_DIR:-runs/real_smollm2_1m}  # the config's output_dir
@@ -31,8 +35,10 @@ tree="$(dirname "$repo")/manyicl-run-$run_name"  # the worktree of the run's com
 records_repo="${MANYICL_RECORDS_REPO:-$repo}"  # inside the worktree: the repository that started the run
 dest="$records_repo/docs/results/$run_name"
 # shellcheck disable=SC2206  # the stage names are words
-# The trainings come first (next_stage takes the first that can run); the order changes no result.
-STAGES=(${RUN_STAGES:-train-manyicl train-many_shot_last_ft train-zero_shot_ft train-few_shot_ft task_level
+# The trainings come first (next_stage takes the first that can run); the order changes no result. task_level
+# before few_shot_ft: its per-task LoRAs are trained and evaluated inside the stage and their weights are not
+# committed, so it must end in the session it starts in, while a mixture fine-tune goes on from its checkpoint.
+STAGES=(${RUN_STAGES:-train-manyicl train-many_shot_last_ft train-zero_shot_ft task_level train-few_shot_ft
     eval-manyicl eval-base eval-many_shot_last_ft eval-zero_shot_ft eval-few_shot_ft report})
 
 launch() {  # the stages, in the worktree, in the background, in its own process group (for `paused`)
@@ -125,6 +131,18 @@ PY
     return 0
 }
 
+session_base() {  # the commit this session started from: the upstream where there is one, else the branch's
+    # first reflog entry (this workplace's clone creates main at the landed commit)
+    git -C "$records_repo" rev-parse -q --verify '@{upstream}' 2>/dev/null ||
+        git -C "$records_repo" log -g --format=%H "$(git -C "$records_repo" symbolic-ref -q --short HEAD || echo HEAD)" | tail -1
+}
+
+submission_bytes() {  # this session's commits and what is staged, as diffs with binary files: what the limit counts
+    local base; base=$(session_base)
+    echo $(( $(git -C "$records_repo" log -p --binary --format= "$base..HEAD" | wc -c) + \
+        $(git -C "$records_repo" diff --cached --binary | wc -c) ))
+}
+
 restore() {  # a fresh clone: the worktree at the run's commit and its run folder from the committed records
     [[ -f "$dest/RUN_COMMIT" ]] || { echo "$dest/RUN_COMMIT: missing, no run to resume (use start)" >&2; exit 2; }
     git worktree prune
@@ -214,12 +232,33 @@ resume)
     ;;
 save)  # (here) commit the records so far and the last checkpoint of a training in progress, from the worktree
     [[ -d "$tree" ]] || { echo "$tree: no run here"; exit 0; }
-    (cd "$tree" && PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" \
-        bash scripts/run_real.sh save-here)
+    # this script (not the worktree's older copy) runs in the worktree, with the run's code on the path
+    MANYICL_RUN_HERE="$tree" PYTHONPATH="$tree/src" MANYICL_RECORDS_REPO="$repo" RUN_CONFIG="$config" RUN_DIR="$run" \
+        bash "$repo/scripts/run_real.sh" save-here
     ;;
 save-here)
     records with-checkpoint
+    git -C "$records_repo" add -- "docs/results/$run_name"
+    limit=$(( ${RUN_SUBMIT_MIB:-200} * 1024 * 1024 )) bytes=$(submission_bytes)
+    if (( bytes > limit )); then  # the checkpoints of trainings in progress stay as last committed
+        for method_dir in "$run"/train/*/; do
+            rel=docs/results/$run_name/${method_dir#"$run"/}
+            # (as records chose them: a fine-tune still training; its log goes back with its checkpoint)
+            [[ -f "$method_dir/train_summary.json" || ! -f "$method_dir/config.yaml" ]] && continue
+            git -C "$records_repo" rm -r -q --cached --ignore-unmatch -- "$rel"
+            rm -rf "$records_repo/$rel"
+            git -C "$records_repo" checkout -q HEAD -- "$rel" 2>/dev/null || true
+        done
+        echo "save: with the new checkpoint this session's diffs would come to $(( bytes >> 20 )) MiB, over" \
+             "RUN_SUBMIT_MIB=${RUN_SUBMIT_MIB:-200}: it is not committed (the last committed checkpoint stays);" \
+             "the training resumes from that one"
+    fi
     commit_records "real run (commit $(git rev-parse --short HEAD)): saved while in progress"
+    echo "this session's diffs: $(( $(submission_bytes) >> 20 )) MiB (the submission limit: 256 MiB)"
+    ;;
+size)
+    echo "this session's diffs (from $(session_base | cut -c1-7)): $(( $(submission_bytes) >> 20 )) MiB" \
+         "(the submission limit: 256 MiB)"
     ;;
 status)
     [[ -d "$tree" ]] || { echo "not started here (resume rebuilds it from $dest)"; exit 0; }
@@ -266,7 +305,7 @@ screen)
     cp runs/forgetting_screen/results.json docs/results/forgetting_screen_results.json
     ;;
 *)
-    echo "scripts/run_real.sh: use start, resume, save, status, paused -- CMD, screen (or, in the run's worktree," \
+    echo "scripts/run_real.sh: use start, resume, save, status, size, paused -- CMD, screen (or, in the run's worktree," \
          "stages or stage NAME)" >&2
     exit 2
     ;;

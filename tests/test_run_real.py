@@ -1,0 +1,99 @@
+"""scripts/run_real.sh's `save`, in real processes on a throwaway records repository: it commits the last checkpoint of
+a training in progress only while the session's diffs (binary files included, as the workplace's submission limit
+counts them) stay under RUN_SUBMIT_MIB. A session whose saves replaced a 29 MB checkpoint a few times went over the
+256 MiB limit and landed nothing; these tests fail on a `save` that commits every new checkpoint regardless."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_real.sh"
+RUN = "runs/smoke"
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+def checkpoint(tree: Path, step: int, mib: int) -> None:
+    """A training in progress (config.yaml, a log, no train_summary.json) with a complete checkpoint of random
+    bytes (incompressible, like float weights)."""
+    method = tree / RUN / "train" / "few_shot_ft"
+    ckpt = method / "checkpoints" / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (method / "config.yaml").write_text("method: few_shot_ft\n")
+    (method / "train_log.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(1, step + 1)))
+    (ckpt / "adapter_model.safetensors").write_bytes(os.urandom(mib << 20))
+    (ckpt / "manyicl_complete.json").write_text("{}\n")
+
+
+def save(tmp_path: Path, limit_mib: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, **GIT_ENV, "MANYICL_RUN_HERE": str(tmp_path / "tree"),
+           "MANYICL_RECORDS_REPO": str(tmp_path / "records"), "RUN_CONFIG": str(tmp_path / "config.yaml"),
+           "RUN_DIR": RUN, "RUN_SUBMIT_MIB": str(limit_mib), "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(["bash", str(SCRIPT), "save-here"], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Path:
+    records = tmp_path / "records"
+    records.mkdir()
+    git(records, "init", "-q", "-b", "main")
+    (records / "README").write_text("records\n")
+    git(records, "add", "README")
+    git(records, "commit", "-q", "-m", "landed")  # the session's base: main's first reflog entry
+    (tmp_path / "config.yaml").write_text("{}\n")  # the defaults: no budget points
+    (tmp_path / "tree" / RUN).mkdir(parents=True)
+    git((tmp_path / "tree"), "init", "-q")  # the run's worktree (save names its commit in the message)
+    (tmp_path / "tree" / "f").write_text("code\n")
+    git(tmp_path / "tree", "add", "f")
+    git(tmp_path / "tree", "commit", "-q", "-m", "run commit")
+    return tmp_path
+
+
+def committed(records: Path) -> list[str]:
+    return git(records, "ls-tree", "-r", "--name-only", "HEAD").split()
+
+
+def test_save_commits_the_checkpoint_within_the_limit(layout: Path):
+    checkpoint(layout / "tree", 50, 1)
+    out = save(layout, limit_mib=50)
+    assert out.returncode == 0, out.stderr
+    dest = "docs/results/smoke/train/few_shot_ft"
+    assert f"{dest}/checkpoints/checkpoint-50/adapter_model.safetensors" in committed(layout / "records")
+    assert "this session's diffs: 1 MiB" in out.stdout
+
+
+def test_save_keeps_the_last_checkpoint_where_a_new_one_would_pass_the_limit(layout: Path):
+    tree, records = layout / "tree", layout / "records"
+    checkpoint(tree, 50, 2)
+    assert save(layout, limit_mib=4).returncode == 0  # 2 MiB (x 4/3 as base85): within 4
+    checkpoint(tree, 100, 2)  # replacing it: 2 MiB removed and 2 MiB added, 8 MiB in all: over
+    out = save(layout, limit_mib=4)
+    assert out.returncode == 0, out.stderr
+    assert "it is not committed (the last committed checkpoint stays)" in out.stdout
+    dest = "docs/results/smoke/train/few_shot_ft"
+    files = committed(records)
+    assert f"{dest}/checkpoints/checkpoint-50/adapter_model.safetensors" in files
+    assert not any("checkpoint-100" in f for f in files)
+    # the folder the next session restores from is the committed one: the log ends at the checkpoint's step
+    assert not (records / dest / "checkpoints" / "checkpoint-100").exists()
+    assert (records / dest / "train_log.jsonl").read_text().count("\n") == 50
+    assert git(records, "status", "--porcelain") == ""
+
+
+def test_size_reports_the_sessions_diffs(layout: Path):
+    checkpoint(layout / "tree", 50, 3)
+    assert save(layout, limit_mib=50).returncode == 0
+    out = subprocess.run(["bash", str(SCRIPT), "size"], capture_output=True, text=True,
+                         env={**os.environ, "MANYICL_RECORDS_REPO": str(layout / "records")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    mib = int(out.stdout.split("MiB")[0].rsplit(" ", 2)[-2])
+    assert 3 <= mib <= 5, out.stdout  # 3 MiB of random bytes, deflated and base85-encoded
