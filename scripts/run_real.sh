@@ -238,6 +238,25 @@ save)  # (here) commit the records so far and the last checkpoint of a training 
     ;;
 save-here)
     records with-checkpoint
+    # a per-task LoRA of task_level trained but not yet evaluated (cell and learning curve): records leaves its weights
+    # out, and the stage, resumed in the next session, reuses the training and must load them to evaluate it
+    python - "$run" "$dest" "$config" <<'PY'
+import json, pathlib, shutil, sys
+from manyicl.config import load_config
+run, dest = map(pathlib.Path, sys.argv[1:3])
+ev = load_config(sys.argv[3]).evaluation
+def rows(name):
+    return json.loads((run / name).read_text(encoding="utf-8")) if (run / name).exists() else []
+results, curves = rows("results.json"), rows("curves.json")
+for summary in run.glob("train/task_level/*/train_summary.json"):
+    task, weights = summary.parent.name, summary.parent / "adapter" / "adapter_model.safetensors"
+    cell = any(r["method"] == "task_level" and r["task"] == task for r in results)
+    curve = sum(c["method"] == "task_level" and c["task"] == task for c in curves) >= ev.curve_sequences
+    if weights.exists() and not (cell and (curve or not ev.learning_curve)):
+        (dest / weights.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(weights, dest / weights.relative_to(run))
+        print(f"saved task_level/{task}'s weights (trained, not yet evaluated)")
+PY
     git -C "$records_repo" add -- "docs/results/$run_name"
     limit=$(( ${RUN_SUBMIT_MIB:-200} * 1024 * 1024 )) bytes=$(submission_bytes)
     if (( bytes > limit )); then  # the checkpoints of trainings in progress stay as last committed

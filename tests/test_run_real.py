@@ -5,6 +5,7 @@ counts them) stay under RUN_SUBMIT_MIB. A session whose saves replaced a 29 MB c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -97,3 +98,29 @@ def test_size_reports_the_sessions_diffs(layout: Path):
     assert out.returncode == 0, out.stderr
     mib = int(out.stdout.split("MiB")[0].rsplit(" ", 2)[-2])
     assert 3 <= mib <= 5, out.stdout  # 3 MiB of random bytes, deflated and base85-encoded
+
+
+def task_level_task(tree: Path, task: str) -> None:
+    """A per-task LoRA of task_level whose training is finished (train_summary.json written last)."""
+    folder = tree / RUN / "train" / "task_level" / task
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(1 << 16))
+    (folder / "adapter" / "adapter_config.json").write_text("{}\n")
+    (folder / "train_summary.json").write_text("{}\n")
+
+
+def test_save_keeps_the_weights_of_a_task_level_lora_not_yet_evaluated(layout: Path):
+    """records leaves per-task weights out (the stage evaluates each LoRA right after training it); one trained but
+    not evaluated when the session stops must keep its weights, or the resumed stage cannot evaluate it."""
+    tree = layout / "tree"
+    (layout / "config.yaml").write_text("evaluation: {learning_curve: true, curve_sequences: 2}\n")
+    for task in ("sst2", "trec", "rte"):
+        task_level_task(tree, task)
+    run = tree / RUN
+    cell = {"method": "task_level", "task": "sst2"}
+    (run / "results.json").write_text(json.dumps([cell, {"method": "task_level", "task": "trec"}]))
+    (run / "curves.json").write_text(json.dumps([cell, cell, {"method": "task_level", "task": "trec"}]))
+    out = save(layout, limit_mib=50)
+    assert out.returncode == 0, out.stderr
+    weights = {f.split("/")[-3] for f in committed(layout / "records") if f.endswith("adapter_model.safetensors")}
+    assert weights == {"trec", "rte"}  # sst2: cell and curve done; trec: its curve is not; rte: nothing yet
