@@ -172,6 +172,36 @@ def test_shot_scaling_plot_draws_two_requests_that_use_the_same_shots(tmp_path):
     assert plots.shot_scaling(context_of(tmp_path, cells)) == tmp_path / "plots" / "shot_scaling.png"
 
 
+def test_every_method_has_one_colour_of_its_own():
+    """A reader matches a method's lines across figures by colour: each of the comparison's methods has its own."""
+    from manyicl.methods import METHODS
+    from manyicl.reporting.plots import METHOD_COLOURS
+
+    assert set(METHOD_COLOURS) == set(METHODS)
+    assert len(set(METHOD_COLOURS.values())) == len(METHODS)
+
+
+def test_training_curves_keep_method_colours_and_tell_per_task_fine_tunes_apart(tmp_path, monkeypatch):
+    """The mixture panel draws each method in its own colour (the one every other figure gives it, whichever methods
+    the run has), and the task_level panel gives each of 11 per-task fine-tunes a different colour (the default cycle
+    has 10: the 11th once repeated the first)."""
+    from dataclasses import replace
+
+    from manyicl.reporting import plots
+    from manyicl.reporting.analysis import Cell
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, run_dir, name: drawn.setdefault(name, fig))
+    log = [{"step": s, "loss": 1.0 / s} for s in range(1, 41)]
+    logs = {"manyicl": log, "zero_shot_ft": log} | {f"task_level/task{i}": log for i in range(11)}
+    ctx = context_of(tmp_path, {("base", "t", "0"): Cell([cell_record()], {0: np.array([[1.0]])})})
+    plots.training_curves(replace(ctx, training_logs=logs))
+    mixture, per_task = drawn["training_curves.png"].axes
+    assert {line.get_label(): line.get_color() for line in mixture.get_lines()} == {
+        "manyicl": plots.method_colour("manyicl"), "zero_shot_ft": plots.method_colour("zero_shot_ft")}
+    assert len({line.get_color() for line in per_task.get_lines()}) == 11
+
+
 def test_cloze_gold_letter_outside_its_choices(tiny_model_dir, tmp_path):
     from conftest import tiny_config
     from manyicl.config import ExperimentConfig

@@ -253,7 +253,8 @@ def _gap(estimates: Sequence[Estimate], values: np.ndarray, draws: np.ndarray | 
         return GapClosed(tuple(estimates), None, None, tasks_averaged)
     interval = None
     if draws is not None:
-        ratios = (draws[:, 1] - draws[:, 0]) / (draws[:, 2] - draws[:, 0])
+        with np.errstate(divide="ignore", invalid="ignore"):  # a draw where task_level ties base has no gap to close
+            ratios = (draws[:, 1] - draws[:, 0]) / (draws[:, 2] - draws[:, 0])
         interval = interval_of(ratios[np.isfinite(ratios)])
     return GapClosed(tuple(estimates), float((values[1] - values[0]) / denominator), interval, tasks_averaged)
 

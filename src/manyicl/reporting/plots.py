@@ -17,6 +17,15 @@ from manyicl.reporting.training import MIXTURE, running_mean, training_groups
 
 Figure = Callable[[ReportContext], Path | None]
 
+# One colour per method in every figure, whichever methods a figure (or a partial run) has, so that a reader can
+# match lines across figures; base, many_shot_last_ft, manyicl and task_level keep the colours they always had.
+METHOD_COLOURS = {"base": "C0", "zero_shot_ft": "C4", "few_shot_ft": "C5", "many_shot_last_ft": "C1", "manyicl": "C2",
+                  "task_level": "C3"}
+
+
+def method_colour(method: str) -> str:
+    return METHOD_COLOURS.get(method, "C7")
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -60,16 +69,15 @@ def shot_scaling(ctx: ReportContext) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = _panels(plt, len(tasks), 3.6)
-    colours = {m: f"C{i}" for i, m in enumerate(m for m in methods if m != REFERENCE)} | {REFERENCE: "red"}
     handles = {}
     for ax, t in zip(axes.flat, tasks):
         first = next(c for (_, tt, _), c in cells.items() if tt == t).first
         for m in methods:
             if m == REFERENCE and (m, t, "0") in cells:
                 e = cells[m, t, "0"].estimate()
-                handles[m] = ax.axhline(e.value, color=colours[m], linestyle=":", label=m)
+                handles[m] = ax.axhline(e.value, color=method_colour(m), linestyle=":", label=m)
                 if not np.isnan(e.low):
-                    ax.axhspan(e.low, e.high, color=colours[m], alpha=0.08)
+                    ax.axhspan(e.low, e.high, color=method_colour(m), alpha=0.08)
                 continue
             # by shots used; two requests may use the same number (32 and max when only 26 fit): both are drawn
             ordered = sorted(((c.shots, shots_key(k)), c) for (mm, tt, k), c in cells.items() if mm == m and tt == t)
@@ -77,8 +85,9 @@ def shot_scaling(ctx: ReportContext) -> Path | None:
             if not points:
                 continue
             xs = [max(x, 0.5) for x, _ in points]
-            handles[m], = ax.plot(xs, [e.value for _, e in points], marker="o", color=colours[m], label=m)
-            ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=colours[m], alpha=0.15)
+            handles[m], = ax.plot(xs, [e.value for _, e in points], marker="o", color=method_colour(m), label=m)
+            ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=method_colour(m),
+                            alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{t} ({first.family})")
         ax.set_xlabel("demonstrations in context (0 plotted at 0.5)")
@@ -102,7 +111,8 @@ def methods_by_family(ctx: ReportContext) -> Path | None:
         heights = [e.value if e else np.nan for e in estimates]  # no bar where a method lacks a task of the family
         errors = [[e.value - e.low if e else 0.0 for e in estimates],
                   [e.high - e.value if e else 0.0 for e in estimates]]
-        ax.bar([j + i * width for j in range(len(families))], heights, width, yerr=errors, capsize=2, label=m)
+        ax.bar([j + i * width for j in range(len(families))], heights, width, yerr=errors, capsize=2, label=m,
+               color=method_colour(m))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], list(families))
     ax.set_ylabel("mean primary metric (95 % interval)")
     ax.set_title(f"Held-out tasks by family at {ctx.shots} shots")
@@ -121,7 +131,6 @@ def learning_curves(ctx: ReportContext) -> Path | None:
     role = {t: c.role for (_, t), c in reversed(list(curves.items()))}  # each task's first curve says its role
     tasks = sorted(role, key=lambda t: (role[t], t))
     fig, axes = _panels(plt, len(tasks), 3.4)
-    colours = {m: f"C{i}" for i, m in enumerate(methods)}
     handles = {}
     for ax, t in zip(axes.flat, tasks):
         for m in methods:
@@ -130,8 +139,8 @@ def learning_curves(ctx: ReportContext) -> Path | None:
                 continue
             mean, low, high = curve_band(c)
             ks = np.arange(1, c.last_k + 1)
-            handles[m], = ax.plot(ks, mean, color=colours[m], label=m, linewidth=1.2)
-            ax.fill_between(ks, low, high, color=colours[m], alpha=0.15)
+            handles[m], = ax.plot(ks, mean, color=method_colour(m), label=m, linewidth=1.2)
+            ax.fill_between(ks, low, high, color=method_colour(m), alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{t} ({role[t].replace('_', ' ')})")
         ax.set_xlabel("answer k (k − 1 answers before it)")
@@ -147,15 +156,16 @@ def budget_curve(ctx: ReportContext) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, m in enumerate(budget.trained):
+    for m in budget.trained:
         points = [(budget.tokens[m, s], budget.averages[m, s]) for s in budget.steps if budget.averages[m, s]]
         if budget.base is not None:  # 0 tokens: the untuned model
             points = [(0, budget.base)] + points
         xs = np.array([x for x, _ in points]) / 1e6
-        ax.plot(xs, [e.value for _, e in points], marker="o", color=f"C{i + 1}", label=m)
-        ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=f"C{i + 1}", alpha=0.15)
+        ax.plot(xs, [e.value for _, e in points], marker="o", color=method_colour(m), label=m)
+        ax.fill_between(xs, [e.low for _, e in points], [e.high for _, e in points], color=method_colour(m),
+                        alpha=0.15)
     if budget.base is not None:
-        ax.axhline(budget.base.value, color="C0", linestyle=":", label=UNTUNED)
+        ax.axhline(budget.base.value, color=method_colour(UNTUNED), linestyle=":", label=UNTUNED)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel(f"held-out average at {budget.shots} shots (95 % band)")
     ax.set_title("Held-out average against training budget")
@@ -171,10 +181,12 @@ def training_curves(ctx: ReportContext) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.6), squeeze=False)
+    tasks = plt.get_cmap("tab20").colors  # the per-task fine-tunes: 11 held-out tasks outrun the 10 default colours
     for ax, (group, runs) in zip(axes.flat, groups.items()):
-        for name, log in runs.items():
+        for i, (name, log) in enumerate(runs.items()):
             steps, smooth = running_mean(log)
-            ax.plot(steps, smooth, label=name)
+            ax.plot(steps, smooth, label=name,
+                    color=method_colour(name) if group == MIXTURE else tasks[i % len(tasks)])
         ax.set_title("mixture fine-tunes" if group == MIXTURE else "task_level (one per held-out task)")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (running mean)")
