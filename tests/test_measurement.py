@@ -248,6 +248,31 @@ def test_gap_closed_on_the_average_is_the_ratio_of_average_differences_with_an_i
     assert value in (0.62, 0.63) and low < value < high  # 0.625 to two places
 
 
+def test_ordering_without_collapsed_tasks_leaves_out_every_task_where_one_method_collapsed(tmp_path):
+    """A task where any method's cell is collapsed (⚠) leaves the second ordering, for every method alike; a run
+    without such a cell has no second ordering."""
+    from manyicl.reporting.analysis import Cell
+    from manyicl.reporting.sections import ordering_without_collapsed
+
+    def cell(method, task, correct, collapsed=False, n=50):
+        record = cell_record(method=method, task=task, shots_requested=8, shots=8, n=n, collapsed=collapsed)
+        rows = np.array([[1.0]] * correct + [[0.0]] * (n - correct))
+        return Cell([record], {0: rows, 1: rows})
+
+    def cells(collapsed):
+        return {(m, t, "8"): cell(m, t, correct, collapsed=(m, t) == collapsed)
+                for t, scores in {"a": (10, 40), "b": (20, 30), "c": (45, 5)}.items()
+                for m, correct in zip(("base", "manyicl"), scores)}
+
+    assert ordering_without_collapsed(context_of(tmp_path, cells(collapsed=None))) == []
+    lines = ordering_without_collapsed(context_of(tmp_path, cells(collapsed=("base", "c"))))
+    assert lines[0].startswith("## Method ordering without the ⚠ tasks (average over the other 2 held-out tasks")
+    assert lines[2].startswith("Left out: c,")
+    # the averages over a and b only: manyicl (40 + 30) / 100, base (10 + 20) / 100
+    rows = {line.split(" | ")[0]: line.split(" | ")[1] for line in lines if line.startswith(("| manyicl", "| base"))}
+    assert rows["| manyicl"].startswith("0.700 [") and rows["| base"].startswith("0.300 [")
+
+
 def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed(tmp_path):
     from manyicl.reporting.analysis import load_cells
     from manyicl.reporting.context import build_context

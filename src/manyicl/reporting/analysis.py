@@ -287,6 +287,12 @@ class Ordering:
     pairs: dict[tuple[str, str], PairedTest]  # Benjamini-Hochberg over the pairs
 
 
+def collapsed_tasks(cells: Cells, methods: Sequence[str], tasks: Sequence[str], shots: str) -> list[str]:
+    """The tasks where some method's cell at ``shots`` (task_level: 0) is collapsed (⚠): one label took nearly all of
+    its predictions in some seed, so the cell measures the demonstrations' label mix more than the model."""
+    return [t for t in tasks if any((c := cell_at(cells, m, t, shots)) is not None and c.collapsed for m in methods)]
+
+
 def method_ordering(cells: Cells, methods: Sequence[str], tasks: list[str], shots: str) -> Ordering | None:
     """None with fewer than two tasks, two ranked methods or one paired difference."""
     if len(tasks) < 2:
