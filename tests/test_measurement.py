@@ -273,6 +273,27 @@ def test_ordering_without_collapsed_tasks_leaves_out_every_task_where_one_method
     assert rows["| manyicl"].startswith("0.700 [") and rows["| base"].startswith("0.300 [")
 
 
+def test_majority_score_is_the_metric_of_always_giving_the_most_frequent_gold(tmp_path):
+    """rte's 200 queries (112 entailment): 0.560 accuracy; tweeteval_hate's (113 not hate): macro-F1 of the one
+    class, 2*113 / (2*113 + 87), over two labels; a generated-answer task has none. The held-out table shows it."""
+    from manyicl.reporting.analysis import Cell, majority_score
+    from manyicl.reporting.sections import held_out_table
+
+    def cell(task, metric, golds):
+        record = cell_record(task=task, metric=metric, shots_requested=8, shots=8, n=200, gold_counts=golds)
+        return Cell([record], {0: np.zeros((200, 1))})
+
+    rte = cell("rte", "accuracy", {"entailment": 112, "not entailment": 88})
+    hate = cell("hate", "macro_f1", {"hate": 87, "not hate": 113})
+    assert majority_score(rte) == pytest.approx(0.56)
+    assert majority_score(hate) == pytest.approx(226 / 313 / 2)
+    assert majority_score(cell("lama", "exact_match", None)) is None
+    table = held_out_table(context_of(tmp_path, {("base", "rte", "8"): rte, ("base", "lama", "8"): cell(
+        "lama", "exact_match", None)}))
+    assert any(line.startswith("| rte | classification | accuracy | 0.560 |") for line in table)
+    assert any(line.startswith("| lama | classification | exact_match | – |") for line in table)
+
+
 def test_collapsed_cells_are_counted_per_task_and_method_before_they_are_listed(tmp_path):
     from manyicl.reporting.analysis import load_cells
     from manyicl.reporting.context import build_context

@@ -14,7 +14,7 @@ import numpy as np
 
 from manyicl.evaluation.records import CellRecord
 from manyicl.methods import METHODS, REFERENCE, SUBJECT, UNTUNED
-from manyicl.metrics import METRICS
+from manyicl.metrics import METRICS, score
 from manyicl.uncertainty import (
     Comparison,
     Estimate,
@@ -285,6 +285,18 @@ class Ordering:
     ranked: list[str]
     averages: dict[str, Estimate | None]
     pairs: dict[tuple[str, str], PairedTest]  # Benjamini-Hochberg over the pairs
+
+
+def majority_score(cell: Cell) -> float | None:
+    """The metric of always giving the most frequent gold answer, on the cell's queries: the floor of a label or
+    multiple-choice task (a collapsed cell sits near it); None where answers are generated. Macro-F1 is taken over
+    the gold labels (a declared label no query has would only lower it)."""
+    golds = cell.first.gold_counts
+    if not golds:
+        return None
+    expanded = [[gold] for gold, count in golds.items() for _ in range(count)]
+    majority = max(golds, key=golds.__getitem__)
+    return score(cell.first.metric, [majority] * len(expanded), expanded, sorted(golds))["value"]
 
 
 def collapsed_tasks(cells: Cells, methods: Sequence[str], tasks: Sequence[str], shots: str) -> list[str]:

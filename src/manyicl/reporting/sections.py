@@ -16,6 +16,7 @@ from manyicl.reporting.analysis import (
     cell_at,
     collapsed_tasks,
     headline_shots,
+    majority_score,
     method_ordering,
     paired_over,
     requested_shots,
@@ -97,24 +98,34 @@ def held_out_table(ctx: ReportContext) -> list[str]:
         return []
     lines = [f"## Held-out tasks at {shots} shots", "",
              "Primary metric (task_level: its 0-shot value, the dedicated-model reference)."
-             + (" near: a task of the same kind is in the mixture; far: none is." if distance else ""), "",
-             "| task | family | metric | " + " | ".join(methods) + " |", "|---|---|---|" + "---:|" * len(methods)]
+             + (" near: a task of the same kind is in the mixture; far: none is." if distance else "")
+             + " majority: the metric of always giving the most frequent gold answer on the same queries (label and "
+               "multiple-choice tasks).", "",
+             "| task | family | metric | majority | " + " | ".join(methods) + " |",
+             "|---|---|---|---:|" + "---:|" * len(methods)]
     by_family: dict[str, list[str]] = {}
+    floors: dict[str, float | None] = {}
     for t in tasks:
         row = [cell_at(ctx.cells, m, t, shots) for m in methods]
-        first = next(c for c in row if c).first
-        by_family.setdefault(first.family, []).append(t)
+        first = next(c for c in row if c)
+        by_family.setdefault(first.first.family, []).append(t)
+        floors[t] = majority_score(first)
         kind = f" ({distance[t]})" if t in distance else ""
-        lines.append(f"| {t}{kind} | {first.family} | {first.metric} | " + " | ".join(
+        lines.append(f"| {t}{kind} | {first.first.family} | {first.first.metric} | {_floor(floors[t])} | " + " | ".join(
             fmt(c.estimate()) + (" ⚠" if c.collapsed else "") if c else "–" for c in row) + " |")
     groups = sorted(by_family.items())
     if len(by_family) > 1:
         groups += [(name.replace("average", "held-out"), members)
                    for name, members in averaged_groups(tasks, distance)]
     for name, members in groups:
-        lines.append(f"| **{name} average** | | | " + " | ".join(
+        floor = None if any(floors[t] is None for t in members) else float(np.mean([floors[t] for t in members]))
+        lines.append(f"| **{name} average** | | | {_floor(floor)} | " + " | ".join(
             f"**{fmt(average(ctx.cells, m, members, shots))}**" for m in methods) + " |")
     return lines + [""]
+
+
+def _floor(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def ordering(ctx: ReportContext) -> list[str]:
