@@ -112,6 +112,9 @@ def test_compare_end_to_end(tiny_model_dir, tmp_path):
     averages = next(line for line in budget.splitlines() if line.startswith("| manyicl |"))
     assert averages.count("[") == 2  # an interval at both budget points
     assert "In-context learning curves at each budget" in budget and (out / "plots" / "budget_curve.png").exists()
+    assert "| method | step 2 − step 1 |" in budget  # does manyicl's difference grow with the budget?
+    assert all(f"| {m} | " in budget.split("step 2 − step 1 |")[1]
+               for m in ("base", "zero_shot_ft", "few_shot_ft", "many_shot_last_ft"))
     # forgetting: drop = base − method, from the same seeds' means
     forgetting = report.split("## Forgetting")[1].split("##")[0]
     mean = lambda m: sum(r["value"] for r in results if r["method"] == m and r["role"] == "forgetting") / 2  # noqa: E731

@@ -95,6 +95,23 @@ def test_paired_test_detects_a_planted_difference_and_not_a_null_one():
     assert rejections <= 12
 
 
+def test_paired_contrast_measures_a_change_of_a_difference_on_the_same_queries():
+    """(a1 − b1) − (a0 − b0): a gain planted only at condition 1 is found, with an interval that pairs every query
+    across the four cells; where nothing changed between the conditions the change is exactly zero."""
+    from manyicl.uncertainty import paired_contrast
+
+    rng = np.random.default_rng(2)
+    b = rng.binomial(1, 0.5, (400, 1)).astype(float)
+    a0 = b.copy()
+    a1 = b.copy()
+    a1[rng.choice(np.flatnonzero(b[:, 0] == 0), 40, replace=False)] = 1.0  # +0.1 over b at condition 1 only
+    grew = paired_contrast([[a1, b, a0, b]], (1, -1, -1, 1), [ACCURACY])
+    assert grew.difference == pytest.approx(0.1) and grew.low > 0 and grew.p_value < 0.01
+    same = paired_contrast([[a1, b, a1, b]], (1, -1, -1, 1), [ACCURACY])
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
+    assert paired_contrast([[a1, b]], (1, -1), [ACCURACY]) == paired_difference(a1, b, ACCURACY)
+
+
 def test_cloze_multiple_choice_scores_the_option_texts(llama_tokenizer, data_dir):
     model, tok = tiny_model(len(llama_tokenizer)), llama_tokenizer
     task = load_task_dir(data_dir / "arc_challenge")

@@ -84,10 +84,19 @@ def _comparison(difference: float, draws: np.ndarray) -> Comparison:
 def paired_average(pairs: Sequence[tuple[np.ndarray, np.ndarray]], from_means: Sequence[FromMeans],
                    seed: int = 0) -> Comparison:
     """The mean over tasks of (a - b), each task's queries resampled alike for a and b."""
+    return paired_contrast(pairs, (1.0, -1.0), from_means, seed)
+
+
+def paired_contrast(tasks: Sequence[Sequence[np.ndarray]], weights: Sequence[float], from_means: Sequence[FromMeans],
+                    seed: int = 0) -> Comparison:
+    """The mean over tasks of sum_i weights[i] * metric(tasks[t][i]), the cells of a task holding the same queries
+    and resampled alike: (a, b) with (1, -1) is a − b; (a1, b1, a0, b0) with (1, -1, -1, 1) is how much a − b
+    changed from condition 0 to condition 1, paired throughout."""
     rng = np.random.default_rng(seed)
-    per_task = [replicates([a, b], f, rng) for (a, b), f in zip(pairs, from_means)]
-    difference = float(np.mean([f(a.mean(0)) - f(b.mean(0)) for (a, b), f in zip(pairs, from_means)]))
-    return _comparison(difference, np.mean([d[:, 0] - d[:, 1] for d in per_task], axis=0))
+    w = np.asarray(weights, dtype=float)
+    value = float(np.mean([sum(wi * f(c.mean(0)) for wi, c in zip(w, cells)) for cells, f in zip(tasks, from_means)]))
+    draws = [replicates(list(cells), f, rng) @ w for cells, f in zip(tasks, from_means)]
+    return _comparison(value, np.mean(draws, axis=0))
 
 
 def significant(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:

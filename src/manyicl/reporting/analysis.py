@@ -21,6 +21,7 @@ from manyicl.uncertainty import (
     average_interval,
     interval_of,
     paired_average,
+    paired_contrast,
     replicates,
     significant,
 )
@@ -143,6 +144,24 @@ def paired_over(cells: Cells, a: str, b: str, tasks: Sequence[str], shots: str,
         pairs.append(paired)
         fns.append(ca.from_means)
     return paired_average(pairs, fns)
+
+
+def contrast_over(terms: Sequence[tuple[Cells, str]], weights: Sequence[float], tasks: Sequence[str],
+                  shots: str) -> Comparison | None:
+    """sum_i weights[i] * (the cells of method terms[i][1] in terms[i][0]) on the average over tasks, paired on the
+    queries and seeds all of them share (e.g. how much a − b changed between two budget points); None unless every
+    task has every cell."""
+    groups, fns = [], []
+    for t in tasks:
+        found = [cell_at(cells, method, t, shots) for cells, method in terms]
+        if any(c is None or not c.rows for c in found):
+            return None
+        seeds = sorted(set.intersection(*(set(c.rows) for c in found)))
+        if not seeds or any(len(c.rows[s]) != len(found[0].rows[s]) for c in found for s in seeds):
+            return None
+        groups.append([np.concatenate([c.rows[s] for s in seeds]) for c in found])
+        fns.append(found[0].from_means)
+    return paired_contrast(groups, weights, fns)
 
 
 def significance(comparisons: Sequence[Comparison | None]) -> list[bool]:

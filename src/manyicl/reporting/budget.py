@@ -16,7 +16,15 @@ from manyicl.evaluation.curves import CURVES_FILE, load_curves
 from manyicl.evaluation.records import read_cell_records
 from manyicl.files import logged_tokens
 from manyicl.methods import METHODS, REFERENCE, SUBJECT, UNTUNED
-from manyicl.reporting.analysis import Cells, PairedTest, average, load_cells, paired_over, significance
+from manyicl.reporting.analysis import (
+    Cells,
+    PairedTest,
+    average,
+    contrast_over,
+    load_cells,
+    paired_over,
+    significance,
+)
 from manyicl.reporting.curves import average_difference_at_last_k, curve_table
 from manyicl.reporting.text import fmt, fmt_difference
 from manyicl.uncertainty import Estimate
@@ -54,6 +62,8 @@ class BudgetCurve:
     base: Estimate | None  # the untuned model: every curve at 0 tokens
     tokens: dict[tuple[str, int], int]  # (method, step): tokens trained on by then
     subject: dict[tuple[str, int], PairedTest | None]  # (rival, step): subject − rival, BH over the table
+    # rival: (subject − rival at the last step) − (at the first), BH over the rivals: does the difference grow?
+    growth: dict[str, PairedTest | None]
     curves: dict[tuple[str, int], Estimate | None]  # (baseline, step): subject − it on the learning curves
 
 
@@ -72,14 +82,20 @@ def budget_curve(run_dir: Path, cells: Cells, methods: list[str], tasks: list[st
         points[final_step] = cells
     steps = sorted(points)
     subject: dict[tuple[str, int], PairedTest | None] = {}
+    growth: dict[str, PairedTest | None] = {}
     if SUBJECT in trained:
-        keys = [(m, s) for m in [UNTUNED] + [m for m in trained if m != SUBJECT] for s in steps]
+        rivals = [UNTUNED] + [m for m in trained if m != SUBJECT]
+        keys = [(m, s) for m in rivals for s in steps]
         found = [paired_over(points[s], SUBJECT, m, tasks, shots) for m, s in keys]
         subject = {k: PairedTest(c, mark) if c else None for k, c, mark in zip(keys, found, significance(found))}
+        first, last = points[steps[0]], points[steps[-1]]
+        changes = [contrast_over([(last, SUBJECT), (last, m), (first, SUBJECT), (first, m)], (1, -1, -1, 1), tasks,
+                                 shots) if len(steps) > 1 else None for m in rivals]
+        growth = {m: PairedTest(c, mark) if c else None for m, c, mark in zip(rivals, changes, significance(changes))}
     return BudgetCurve(
         shots, tasks, steps, trained, {(m, s): average(points[s], m, tasks, shots) for m in trained for s in steps},
         average(cells, UNTUNED, tasks, shots),
-        {(m, s): trained_tokens(run_dir, m, s) or 0 for m in trained for s in steps}, subject,
+        {(m, s): trained_tokens(run_dir, m, s) or 0 for m in trained for s in steps}, subject, growth,
         _curve_differences(run_dir, dirs, final_step, steps) if subject else {})
 
 
@@ -133,8 +149,22 @@ def budget_lines(budget: BudgetCurve | None, run_config: dict[str, Any]) -> list
             tests = [budget.subject[m, s] for s in steps]
             lines.append(f"| {m} | " + " | ".join(fmt_difference(t.comparison if t else None, bool(t and t.significant),
                                                                  p_value=True) for t in tests) + " |")
+        lines += _growth_lines(budget)
         lines += _curve_difference_lines(budget)
     return lines + [""]
+
+
+def _growth_lines(budget: BudgetCurve) -> list[str]:
+    """Does the subject's advantage grow with the budget: its difference at the last step minus at the first."""
+    tests = {m: t for m, t in budget.growth.items() if t is not None}
+    if not tests:
+        return []
+    first, last = budget.steps[0], budget.steps[-1]
+    return ["", f"Does the difference grow with the budget? ({SUBJECT} − method at step {last}) − ({SUBJECT} − method "
+            f"at step {first}), paired on the same queries and seeds (95 % interval, p; **bold**: significant after "
+            f"Benjamini-Hochberg over these rows; against {UNTUNED}, the untuned model, it is {SUBJECT}'s own change):",
+            "", f"| method | step {last} − step {first} |", "|---|---:|",
+            *(f"| {m} | {fmt_difference(t.comparison, t.significant, p_value=True)} |" for m, t in tests.items())]
 
 
 def _curve_difference_lines(budget: BudgetCurve) -> list[str]:
