@@ -14,7 +14,8 @@
 #   bash scripts/run_real.sh resume    # every later session, first thing: the same commit, from where it stopped
 #   bash scripts/run_real.sh save      # before a session stops: commit what is done so far
 #   bash scripts/run_real.sh status    # the commit, the stages done, the last lines of the log
-#   bash scripts/run_real.sh size      # the diffs this session's commits add up to (what the submission limit counts)
+#   bash scripts/run_real.sh size      # the diffs this session's commits add up to (what the submission limit counts),
+#                                        # from the commit resume (or session-start) marked as the session's base
 #   bash scripts/run_real.sh paused -- CMD...   # run CMD (tests, a benchmark) with the run stopped (SIGSTOP/SIGCONT),
 #                                                 # the pause recorded in pauses.tsv, so timed stages keep the cores
 #   bash scripts/run_real.sh screen    # (here) the untuned model on candidate forgetting tasks
@@ -131,8 +132,20 @@ PY
     return 0
 }
 
-session_base() {  # the commit this session started from: the upstream where there is one, else the branch's
-    # first reflog entry (this workplace's clone creates main at the landed commit)
+session_marker() { echo "$(git -C "$records_repo" rev-parse --absolute-git-dir)/manyicl-session-base"; }
+
+mark_session() {  # resume, first thing in a session: the commit the session starts from, unless already marked
+    local marker; marker=$(session_marker)
+    [[ -f $marker ]] && (( $(date +%s) - $(stat -c %Y "$marker") < 180 * 60 )) && return 0
+    git -C "$records_repo" rev-parse HEAD > "$marker"
+    echo "this session's base: $(cut -c1-7 "$marker") (the submission limit counts the diffs from it)"
+}
+
+session_base() {  # the commit this session started from: as resume marked it within the last 180 minutes (a
+    # session's length; a workspace may carry the last session's reflog), else the upstream where there is one,
+    # else the branch's first reflog entry (a fresh clone creates main at the landed commit)
+    local marker; marker=$(session_marker)
+    if [[ -f $marker ]] && (( $(date +%s) - $(stat -c %Y "$marker") < 180 * 60 )); then cat "$marker"; return; fi
     git -C "$records_repo" rev-parse -q --verify '@{upstream}' 2>/dev/null ||
         git -C "$records_repo" log -g --format=%H "$(git -C "$records_repo" symbolic-ref -q --short HEAD || echo HEAD)" | tail -1
 }
@@ -219,6 +232,7 @@ start)
     launch
     ;;
 resume)
+    mark_session
     if [[ -d "$tree" ]]; then
         running && { echo "already running (pid $(cat "$tree/$run/run.pid"))" >&2; exit 2; }
         if [[ "$(git -C "$tree" rev-parse HEAD)" != "$(cat "$dest/RUN_COMMIT")" ]]; then  # RUN_COMMIT moved on
@@ -275,6 +289,9 @@ PY
     commit_records "real run (commit $(git rev-parse --short HEAD)): saved while in progress"
     echo "this session's diffs: $(( $(submission_bytes) >> 20 )) MiB (the submission limit: 256 MiB)"
     ;;
+session-start)  # (resume does it) mark this session's base by hand, in a session that does not resume
+    mark_session
+    ;;
 size)
     echo "this session's diffs (from $(session_base | cut -c1-7)): $(( $(submission_bytes) >> 20 )) MiB" \
          "(the submission limit: 256 MiB)"
@@ -324,8 +341,8 @@ screen)
     cp runs/forgetting_screen/results.json docs/results/forgetting_screen_results.json
     ;;
 *)
-    echo "scripts/run_real.sh: use start, resume, save, status, size, paused -- CMD, screen (or, in the run's worktree," \
-         "stages or stage NAME)" >&2
+    echo "scripts/run_real.sh: use start, resume, save, status, size, session-start, paused -- CMD, screen (or, in the" \
+         "run's worktree, stages or stage NAME)" >&2
     exit 2
     ;;
 esac

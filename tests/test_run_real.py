@@ -100,6 +100,30 @@ def test_size_reports_the_sessions_diffs(layout: Path):
     assert 3 <= mib <= 5, out.stdout  # 3 MiB of random bytes, deflated and base85-encoded
 
 
+def script(layout: Path, command: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MANYICL_RECORDS_REPO": str(layout / "records")})
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_size_counts_from_the_commit_the_session_started_at(layout: Path):
+    """A workspace may carry the last session's commits and reflog: the session's base is the commit resume (here
+    session-start) marked, while the mark is younger than a session; an older mark falls back to the reflog."""
+    records = layout / "records"
+    (records / "previous.bin").write_bytes(os.urandom(3 << 20))  # the last session's landed commit
+    git(records, "add", "previous.bin")
+    git(records, "commit", "-q", "-m", "landed last session")
+    assert "this session's base" in script(layout, "session-start").stdout
+    assert "this session's base" not in script(layout, "session-start").stdout  # marked once per session
+    checkpoint(layout / "tree", 50, 1)
+    assert save(layout, limit_mib=50).returncode == 0
+    assert "diffs (from " in (out := script(layout, "size").stdout) and int(out.split("MiB")[0].rsplit(" ", 2)[-2]) <= 2
+    marker = Path(git(records, "rev-parse", "--absolute-git-dir").strip()) / "manyicl-session-base"
+    os.utime(marker, (marker.stat().st_mtime - 4 * 3600,) * 2)  # a mark from an earlier session
+    assert int(script(layout, "size").stdout.split("MiB")[0].rsplit(" ", 2)[-2]) >= 4
+
+
 def task_level_task(tree: Path, task: str) -> None:
     """A per-task LoRA of task_level whose training is finished (train_summary.json written last)."""
     folder = tree / RUN / "train" / "task_level" / task
