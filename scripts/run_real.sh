@@ -134,9 +134,14 @@ PY
 
 session_marker() { echo "$(git -C "$records_repo" rev-parse --absolute-git-dir)/manyicl-session-base"; }
 
+marked_this_session() {  # the marker exists and is younger than a session (180 minutes)
+    local marker; marker=$(session_marker)
+    [[ -f $marker ]] && (( $(date +%s) - $(stat -c %Y "$marker") < 180 * 60 ))
+}
+
 mark_session() {  # resume, first thing in a session: the commit the session starts from, unless already marked
     local marker; marker=$(session_marker)
-    [[ -f $marker ]] && (( $(date +%s) - $(stat -c %Y "$marker") < 180 * 60 )) && return 0
+    marked_this_session && return 0
     git -C "$records_repo" rev-parse HEAD > "$marker"
     echo "this session's base: $(cut -c1-7 "$marker") (the submission limit counts the diffs from it)"
 }
@@ -144,8 +149,7 @@ mark_session() {  # resume, first thing in a session: the commit the session sta
 session_base() {  # the commit this session started from: as resume marked it within the last 180 minutes (a
     # session's length; a workspace may carry the last session's reflog), else the upstream where there is one,
     # else the branch's first reflog entry (a fresh clone creates main at the landed commit)
-    local marker; marker=$(session_marker)
-    if [[ -f $marker ]] && (( $(date +%s) - $(stat -c %Y "$marker") < 180 * 60 )); then cat "$marker"; return; fi
+    if marked_this_session; then cat "$(session_marker)"; return; fi
     git -C "$records_repo" rev-parse -q --verify '@{upstream}' 2>/dev/null ||
         git -C "$records_repo" log -g --format=%H "$(git -C "$records_repo" symbolic-ref -q --short HEAD || echo HEAD)" | tail -1
 }
