@@ -20,7 +20,6 @@ from manyicl.uncertainty import (
     Estimate,
     average_interval,
     interval_of,
-    paired_average,
     paired_contrast,
     replicates,
     significant,
@@ -123,37 +122,22 @@ def average(cells: Cells, method: str, tasks: Sequence[str], shots: str) -> Esti
     return average_interval([list(c.rows.values()) for c in members], [c.from_means for c in members])
 
 
-def _paired_rows(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray] | None:
-    """The rows of a and b over the seeds both have, query by query (the same queries and demonstrations)."""
-    seeds = sorted(set(a.rows) & set(b.rows))
-    if not seeds or any(len(a.rows[s]) != len(b.rows[s]) for s in seeds):
-        return None
-    return np.concatenate([a.rows[s] for s in seeds]), np.concatenate([b.rows[s] for s in seeds])
-
-
 def paired_over(cells: Cells, a: str, b: str, tasks: Sequence[str], shots: str,
                 b_shots: str | None = None) -> Comparison | None:
     """a − b (b at ``b_shots`` if given) on the average over tasks, paired bootstrap on the same queries and seeds;
     None unless every task has both cells."""
-    pairs, fns = [], []
-    for t in tasks:
-        ca, cb = cell_at(cells, a, t, shots), cell_at(cells, b, t, b_shots or shots)
-        paired = _paired_rows(ca, cb) if ca and cb else None
-        if paired is None:
-            return None
-        pairs.append(paired)
-        fns.append(ca.from_means)
-    return paired_average(pairs, fns)
+    return contrast_over([(cells, a, shots), (cells, b, b_shots or shots)], (1.0, -1.0), tasks)
 
 
-def contrast_over(terms: Sequence[tuple[Cells, str]], weights: Sequence[float], tasks: Sequence[str],
-                  shots: str) -> Comparison | None:
-    """sum_i weights[i] * (the cells of method terms[i][1] in terms[i][0]) on the average over tasks, paired on the
-    queries and seeds all of them share (e.g. how much a − b changed between two budget points); None unless every
-    task has every cell."""
+def contrast_over(terms: Sequence[tuple[Cells, str, str]], weights: Sequence[float],
+                  tasks: Sequence[str]) -> Comparison | None:
+    """sum_i weights[i] * (the cell of method m_i at shots k_i in cells c_i, for terms[i] = (c_i, m_i, k_i)) on the
+    average over tasks, paired on the queries and seeds all of them share (a − b is ((cells, a, k), (cells, b, k))
+    with (1, −1); how much a − b changed between two budget points takes four terms); None unless every task has
+    every cell."""
     groups, fns = [], []
     for t in tasks:
-        found = [cell_at(cells, method, t, shots) for cells, method in terms]
+        found = [cell_at(cells, method, t, shots) for cells, method, shots in terms]
         if any(c is None or not c.rows for c in found):
             return None
         seeds = sorted(set.intersection(*(set(c.rows) for c in found)))

@@ -89,8 +89,8 @@ def budget_curve(run_dir: Path, cells: Cells, methods: list[str], tasks: list[st
         found = [paired_over(points[s], SUBJECT, m, tasks, shots) for m, s in keys]
         subject = {k: PairedTest(c, mark) if c else None for k, c, mark in zip(keys, found, significance(found))}
         first, last = points[steps[0]], points[steps[-1]]
-        changes = [contrast_over([(last, SUBJECT), (last, m), (first, SUBJECT), (first, m)], (1, -1, -1, 1), tasks,
-                                 shots) if len(steps) > 1 else None for m in rivals]
+        changes = [contrast_over([(last, SUBJECT, shots), (last, m, shots), (first, SUBJECT, shots), (first, m, shots)],
+                                 (1, -1, -1, 1), tasks) if len(steps) > 1 else None for m in rivals]
         growth = {m: PairedTest(c, mark) if c else None for m, c, mark in zip(rivals, changes, significance(changes))}
     return BudgetCurve(
         shots, tasks, steps, trained, {(m, s): average(points[s], m, tasks, shots) for m in trained for s in steps},
