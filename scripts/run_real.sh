@@ -187,7 +187,11 @@ runnable() {  # why a stage cannot run now, on stdout; nothing when it can
     esac
 }
 
-stop_saver() { [[ -n "${saver:-}" ]] && { pkill -P "$saver" 2>/dev/null; kill "$saver" 2>/dev/null; }; saver=; }
+stop_saver() {  # (|| true: the saver may have ended by the time it is killed; under set -e a failed kill would end
+    # the stages right after a stage's work, before it is recorded as done, as it once did at 7f324d2)
+    [[ -n "${saver:-}" ]] && { pkill -P "$saver" 2>/dev/null || true; kill "$saver" 2>/dev/null || true; }
+    saver=
+}
 
 stage() {
     local name=$1 start

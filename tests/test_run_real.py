@@ -148,3 +148,13 @@ def test_save_keeps_the_weights_of_a_task_level_lora_not_yet_evaluated(layout: P
     assert out.returncode == 0, out.stderr
     weights = {f.split("/")[-3] for f in committed(layout / "records") if f.endswith("adapter_model.safetensors")}
     assert weights == {"trec", "rte"}  # sst2: cell and curve done; trec: its curve is not; rte: nothing yet
+
+
+def test_stopping_a_saver_that_has_already_ended_does_not_end_the_stages():
+    """The stages run under `set -euo pipefail`; a stage stops its 20-minute saver when its work is done. If the saver
+    has ended by then (killing its `sleep` ends its loop), a failing `kill` ended the whole script before the stage
+    was recorded as done (eval-zero_shot_ft, 2026-12-05). Fails on a stop_saver whose kill can fail."""
+    script = (f"set -euo pipefail; source <(sed -n '/^stop_saver()/,/^}}/p' {SCRIPT}); "
+              "( exit 0 ) & saver=$!; wait $saver; stop_saver; echo survived")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "survived", out
