@@ -88,15 +88,19 @@ def paired_average(pairs: Sequence[tuple[np.ndarray, np.ndarray]], from_means: S
 
 
 def paired_contrast(tasks: Sequence[Sequence[np.ndarray]], weights: Sequence[float], from_means: Sequence[FromMeans],
-                    seed: int = 0) -> Comparison:
+                    seed: int = 0, unit_weights: Sequence[float] | None = None) -> Comparison:
     """The mean over tasks of sum_i weights[i] * metric(tasks[t][i]), the cells of a task holding the same queries
     and resampled alike: (a, b) with (1, -1) is a − b; (a1, b1, a0, b0) with (1, -1, -1, 1) is how much a − b
-    changed from condition 0 to condition 1, paired throughout."""
+    changed from condition 0 to condition 1, paired throughout. ``unit_weights`` (default: equal) weigh the units
+    instead of a plain mean: a unit is then one seed of a task, so that a task's seeds are averaged as the
+    tables average them (a metric such as macro-F1 of two seeds' pooled queries is not the mean of the two)."""
     rng = np.random.default_rng(seed)
     w = np.asarray(weights, dtype=float)
-    value = float(np.mean([sum(wi * f(c.mean(0)) for wi, c in zip(w, cells)) for cells, f in zip(tasks, from_means)]))
+    u = np.full(len(tasks), 1 / len(tasks)) if unit_weights is None else np.asarray(unit_weights, dtype=float)
+    value = float(sum(ui * sum(wi * f(c.mean(0)) for wi, c in zip(w, cells))
+                      for ui, cells, f in zip(u, tasks, from_means)))
     draws = [replicates(list(cells), f, rng) @ w for cells, f in zip(tasks, from_means)]
-    return _comparison(value, np.mean(draws, axis=0))
+    return _comparison(value, u @ np.asarray(draws))
 
 
 def significant(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:

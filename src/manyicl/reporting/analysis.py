@@ -134,8 +134,9 @@ def contrast_over(terms: Sequence[tuple[Cells, str, str]], weights: Sequence[flo
     """sum_i weights[i] * (the cell of method m_i at shots k_i in cells c_i, for terms[i] = (c_i, m_i, k_i)) on the
     average over tasks, paired on the queries and seeds all of them share (a − b is ((cells, a, k), (cells, b, k))
     with (1, −1); how much a − b changed between two budget points takes four terms); None unless every task has
-    every cell."""
-    groups, fns = [], []
+    every cell. Each shared seed is its own unit, weighted so that a task's seeds average as in the tables (pooling
+    the seeds' queries would take macro-F1 over both at once, another number than the mean of the two)."""
+    units, fns, unit_weights = [], [], []
     for t in tasks:
         found = [cell_at(cells, method, t, shots) for cells, method, shots in terms]
         if any(c is None or not c.rows for c in found):
@@ -143,9 +144,11 @@ def contrast_over(terms: Sequence[tuple[Cells, str, str]], weights: Sequence[flo
         seeds = sorted(set.intersection(*(set(c.rows) for c in found)))
         if not seeds or any(len(c.rows[s]) != len(found[0].rows[s]) for c in found for s in seeds):
             return None
-        groups.append([np.concatenate([c.rows[s] for s in seeds]) for c in found])
-        fns.append(found[0].from_means)
-    return paired_contrast(groups, weights, fns)
+        for s in seeds:
+            units.append([c.rows[s] for c in found])
+            fns.append(found[0].from_means)
+            unit_weights.append(1 / (len(tasks) * len(seeds)))
+    return paired_contrast(units, weights, fns, unit_weights=unit_weights)
 
 
 def significance(comparisons: Sequence[Comparison | None]) -> list[bool]:
