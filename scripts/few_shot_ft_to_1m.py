@@ -98,7 +98,7 @@ def main() -> None:
     config = continue_training(work)
     records = swap_cells(work, evaluate(work, config))
     manyicl("report", str(records))
-    # the two tables the check is for: the average and the ordering with every pair
+    # what the check is for: every method's average and every pair, few_shot_ft at 1M tokens among them
     report = (records / "report.md").read_text().split("\n## ")
     for section in report:
         if section.startswith("Method ordering (average"):
