@@ -35,7 +35,8 @@ def test_committed_records_read_and_write_back_as_they_were_plus_the_version(pat
     assert len(records) == len(data) > 0
     for r, raw in zip(records, data):
         assert r.to_json() == {"schema_version": SCHEMA_VERSION, **raw}
-        assert list(r.to_json()) == ["schema_version", *raw]  # the same key order
+        # the same key order (records written since the version was recorded carry it already)
+        assert list(r.to_json()) == ["schema_version", *(k for k in raw if k != "schema_version")]
         assert CellRecord.from_json(r.to_json(), "here") == r
         assert r.key == cell_key(raw["method"], raw["model"], raw["adapter"], raw["task"], raw["shots_requested"],
                                  raw["seed"])
