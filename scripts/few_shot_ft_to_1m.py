@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 
 from manyicl.config import load_config
+from manyicl.evaluation.records import read_cell_records, write_cell_records
+from manyicl.files import logged_tokens
 from manyicl.training.checkpoints import CHECKPOINT_MARKER, config_hash
 
 STEPS = 530  # 948,661 tokens in 500 steps is about 1,897 a step: 27 more steps reach 1M, 30 leave a margin
@@ -56,8 +58,7 @@ def continue_training(work: Path) -> Path:
     stamp["config"] = config_hash(load_config(path))
     marker.write_text(json.dumps(stamp))
     manyicl("train", str(path), "--resume")
-    tokens = sum(json.loads(line)["tokens"] for line in (out / "train_log.jsonl").read_text().splitlines())
-    print(f"{METHOD}: {STEPS} steps, {tokens:,} tokens")
+    print(f"{METHOD}: {STEPS} steps, {logged_tokens(out / 'train_log.jsonl'):,} tokens")
     return path
 
 
@@ -75,18 +76,18 @@ def swap_cells(work: Path, evaluated: Path) -> Path:
     must have the same prompts (shot count and demonstration tokens) for the pairing with manyicl to hold."""
     records = work / "records" / RECORDS.name
     shutil.copytree(RECORDS, records)
-    new = {(r["task"], r["seed"]): r for r in json.loads((evaluated / "results.json").read_text())}
-    rows = json.loads((records / "results.json").read_text())
+    new = {(r.task, r.seed): r for r in read_cell_records(evaluated / "results.json")}
+    rows = read_cell_records(records / "results.json")
     swapped = 0
     for i, row in enumerate(rows):
-        if row["method"] == METHOD and row["role"] == "held_out" and row["shots_requested"] == "max":
-            replacement = new[(row["task"], row["seed"])]
-            if (replacement["shots"], replacement["prefix_tokens"]) != (row["shots"], row["prefix_tokens"]):
-                raise SystemExit(f"{row['task']} seed {row['seed']}: the new cell's prompt differs from the run's")
-            shutil.copy(evaluated / replacement["predictions"], records / row["predictions"])
+        if row.method == METHOD and row.role == "held_out" and row.shots_requested == "max":
+            replacement = new[(row.task, row.seed)]
+            if (replacement.shots, replacement.prefix_tokens) != (row.shots, row.prefix_tokens):
+                raise SystemExit(f"{row.task} seed {row.seed}: the new cell's prompt differs from the run's")
+            shutil.copy(evaluated / replacement.predictions, records / row.predictions)
             rows[i] = replacement
             swapped += 1
-    (records / "results.json").write_text(json.dumps(rows, indent=1))
+    write_cell_records(records / "results.json", rows)
     print(f"swapped {swapped} cells")
     return records
 
